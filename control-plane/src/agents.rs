@@ -1,0 +1,455 @@
+//! The QUIC side: agents connect here. A connection without a client
+//! certificate may only enroll; a connection with one is a device session,
+//! identified by the certificate's fingerprint and nothing else.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, Incoming};
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use sha2::{Digest, Sha256};
+use shared::quic::framed::{read_frame, write_frame};
+use shared::quic::transport::control_plane_transport;
+use shared::wire::{
+    ControlMsg, EnrollMsg, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject, RejectCode,
+    Welcome, close_code, negotiate,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::pki::fingerprint_hex;
+use crate::registry::DeviceSession;
+use crate::state::State;
+use crate::store::{DeviceSeen, now_ms};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// With flows active, a tunnel from which no datagram arrived for this long
+/// is dead (the control plane sends a probe every second meanwhile).
+const SILENT_WITH_FLOWS: Duration = Duration::from_secs(5);
+
+pub fn server_config(state: &State) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(state.pki.ca_cert_der.clone()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(state.pki.server_key_der.clone()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from(state.pki.server_cert_der.clone())],
+            key,
+        )?;
+    tls.alpn_protocols = vec![shared::wire::ALPN.to_vec()];
+    // 0-RTT data could be replayed; the tunnel never needs it.
+    tls.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(tls)?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    sc.transport_config(control_plane_transport(&state.cfg.liveness()));
+    Ok(sc)
+}
+
+pub async fn serve(endpoint: Endpoint, state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        let tasks = state.tasks.clone();
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            handle(incoming, state, shutdown).await;
+        });
+    }
+    endpoint.close(close_code::NORMAL.into(), b"control plane shutting down");
+}
+
+async fn handle(incoming: Incoming, state: Arc<State>, shutdown: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(%remote, "tunnel handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "tunnel handshake timed out");
+            return;
+        }
+    };
+    let cert = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|c| c.as_ref().to_vec()));
+    match cert {
+        None => {
+            enrollment(conn, &state)
+                .instrument(info_span!("enroll", %remote))
+                .await
+        }
+        Some(der) => {
+            let fp = fingerprint_hex(&der);
+            device_session(conn, fp, state, shutdown)
+                .instrument(info_span!("tunnel", %remote))
+                .await
+        }
+    }
+}
+
+fn seen_from(
+    hello_facts: &shared::wire::DeviceFacts,
+    agent_version: &str,
+    addr: String,
+) -> DeviceSeen {
+    DeviceSeen {
+        kind: format!("{:?}", hello_facts.kind).to_lowercase(),
+        model: hello_facts.model.clone(),
+        hostname: hello_facts.hostname.clone(),
+        agent_version: agent_version.to_string(),
+        addr,
+    }
+}
+
+async fn enrollment(conn: Connection, state: &State) {
+    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut buf = BytesMut::new();
+        let msg = read_frame::<EnrollMsg>(&mut recv, &mut buf).await?;
+        let answer = match msg {
+            Some(EnrollMsg::Request {
+                min_version,
+                max_version,
+                secret,
+                public_key,
+                facts,
+            }) => {
+                enroll_answer(
+                    state,
+                    &conn,
+                    min_version,
+                    max_version,
+                    &secret,
+                    &public_key,
+                    &facts,
+                )
+                .await
+            }
+            _ => EnrollMsg::Refused {
+                message: "expected an enrollment request".into(),
+            },
+        };
+        write_frame(&mut send, &answer).await?;
+        let _ = send.finish();
+        anyhow::Ok(())
+    })
+    .await;
+    if let Ok(Err(e)) = result {
+        debug!("enrollment exchange failed: {e:#}");
+    }
+    // Let the agent read the answer and close first.
+    let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+}
+
+async fn enroll_answer(
+    state: &State,
+    conn: &Connection,
+    min_version: u16,
+    max_version: u16,
+    secret: &str,
+    public_key: &[u8],
+    facts: &shared::wire::DeviceFacts,
+) -> EnrollMsg {
+    if let Err(e) = negotiate(
+        MIN_PROTOCOL_VERSION,
+        PROTOCOL_VERSION,
+        min_version,
+        max_version,
+    ) {
+        return EnrollMsg::Refused {
+            message: e.to_string(),
+        };
+    }
+    let device_id = format!("dev-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let cert = match state.pki.sign_device(&device_id, public_key) {
+        Ok(c) => c,
+        Err(e) => {
+            return EnrollMsg::Refused {
+                message: e.to_string(),
+            };
+        }
+    };
+    let token_hash = hex::encode(Sha256::digest(secret.as_bytes()));
+    let seen = seen_from(facts, "", conn.remote_address().to_string());
+    match state
+        .store
+        .enroll_device(&token_hash, &device_id, &fingerprint_hex(&cert), &seen)
+        .await
+    {
+        Ok(Some(name)) => {
+            info!(device = %device_id, %name, "device enrolled");
+            EnrollMsg::Granted {
+                device_id,
+                device_name: name,
+                certificate: cert,
+                ca_certificate: state.pki.ca_cert_der.clone(),
+            }
+        }
+        Ok(None) => {
+            warn!("enrollment refused: token invalid, expired or already used");
+            EnrollMsg::Refused {
+                message: "enrollment token is invalid, expired or already used".into(),
+            }
+        }
+        Err(e) => {
+            warn!("enrollment failed: {e}");
+            EnrollMsg::Refused {
+                message: "internal error, try again".into(),
+            }
+        }
+    }
+}
+
+async fn reject(
+    conn: &Connection,
+    send: &mut quinn::SendStream,
+    code: RejectCode,
+    close: u32,
+    message: &str,
+) {
+    let _ = write_frame(
+        send,
+        &ControlMsg::Reject(Reject {
+            code,
+            message: message.to_string(),
+        }),
+    )
+    .await;
+    let _ = send.finish();
+    // Give the frame a moment to leave before the close frame overtakes it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    conn.close(close.into(), message.as_bytes());
+}
+
+async fn device_session(
+    conn: Connection,
+    fingerprint: String,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) {
+    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let mut buf = BytesMut::new();
+        let hello = read_frame::<ControlMsg>(&mut recv, &mut buf).await?;
+        anyhow::Ok((send, recv, buf, hello))
+    })
+    .await;
+    let (mut send, mut recv, mut buf, hello) = match opened {
+        Ok(Ok(x)) => x,
+        _ => {
+            conn.close(
+                close_code::PROTOCOL_ERROR.into(),
+                b"expected a control stream with Hello",
+            );
+            return;
+        }
+    };
+    let Some(ControlMsg::Hello(hello)) = hello else {
+        reject(
+            &conn,
+            &mut send,
+            RejectCode::ProtocolError,
+            close_code::PROTOCOL_ERROR,
+            "expected Hello",
+        )
+        .await;
+        return;
+    };
+    let device = match state.store.device_by_fingerprint(&fingerprint).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            warn!("unknown device certificate (deleted device?)");
+            reject(
+                &conn,
+                &mut send,
+                RejectCode::UnknownDevice,
+                close_code::UNKNOWN_DEVICE,
+                "unknown device",
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            warn!("device lookup failed: {e}");
+            conn.close(close_code::PROTOCOL_ERROR.into(), b"internal error");
+            return;
+        }
+    };
+    let span = info_span!("device", id = %device.id);
+    async move {
+        if device.disabled {
+            info!("refusing disabled device");
+            reject(
+                &conn,
+                &mut send,
+                RejectCode::DeviceDisabled,
+                close_code::DEVICE_DISABLED,
+                "device disabled",
+            )
+            .await;
+            return;
+        }
+        let version = match negotiate(
+            MIN_PROTOCOL_VERSION,
+            PROTOCOL_VERSION,
+            hello.min_version,
+            hello.max_version,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!("{e}");
+                reject(
+                    &conn,
+                    &mut send,
+                    RejectCode::IncompatibleVersion,
+                    close_code::INCOMPATIBLE_VERSION,
+                    &e.to_string(),
+                )
+                .await;
+                return;
+            }
+        };
+        run_session(
+            conn, &mut send, &mut recv, &mut buf, hello, version, device, &state, &shutdown,
+        )
+        .await;
+    }
+    .instrument(span)
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    conn: Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+    hello: Hello,
+    version: u16,
+    device: crate::store::DeviceRow,
+    state: &State,
+    shutdown: &CancellationToken,
+) {
+    let hb_every = Duration::from_secs(state.cfg.heartbeat_interval_secs);
+    let welcome = ControlMsg::Welcome(Welcome {
+        version,
+        device_id: device.id.clone(),
+        device_name: device.name.clone(),
+        heartbeat_interval_ms: hb_every.as_millis() as u32,
+        protected_ports: state.protected_ports(),
+    });
+    if write_frame(send, &welcome).await.is_err() {
+        return;
+    }
+    let session = Arc::new(DeviceSession {
+        device_id: device.id.clone(),
+        name: device.name.clone(),
+        session_id: state.registry.next_session_id(),
+        conn: conn.clone(),
+        agent_version: hello.agent_version.clone(),
+        connected_at_ms: now_ms(),
+        active_flows: Default::default(),
+        total_flows: Default::default(),
+        bytes_up: Default::default(),
+        bytes_down: Default::default(),
+        last_heartbeat: Default::default(),
+    });
+    if let Some(old) = state.registry.insert(session.clone()) {
+        old.conn
+            .close(close_code::REPLACED.into(), b"replaced by a newer session");
+    }
+    let seen = seen_from(
+        &hello.facts,
+        &hello.agent_version,
+        conn.remote_address().to_string(),
+    );
+    if let Err(e) = state.store.device_connected(&device.id, &seen).await {
+        warn!("recording the connection failed: {e}");
+    }
+    info!(name = %device.name, version = %hello.agent_version, "device online");
+
+    let mut last_heard = Instant::now();
+    let mut probe = tokio::time::interval(Duration::from_secs(1));
+    let mut rx_seen = conn.stats().udp_rx.datagrams;
+    let mut rx_changed = Instant::now();
+    let reason = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(close_code::NORMAL.into(), b"control plane shutting down");
+                break "control plane shutting down".to_string();
+            }
+            e = conn.closed() => break format!("{e}"),
+            msg = read_frame::<ControlMsg>(recv, buf) => {
+                last_heard = Instant::now();
+                match msg {
+                    Ok(Some(ControlMsg::Heartbeat(hb))) => {
+                        debug!(seq = hb.seq, flows = hb.active_flows, "heartbeat");
+                        if let Ok(mut g) = session.last_heartbeat.lock() {
+                            *g = Some((now_ms(), hb));
+                        }
+                    }
+                    Ok(Some(ControlMsg::CommandResult(r))) => info!(id = r.id, ok = r.ok, message = %r.message, "command result"),
+                    Ok(Some(ControlMsg::Event(ev))) => info!(?ev, "device event"),
+                    Ok(Some(other)) => {
+                        warn!(?other, "unexpected control message");
+                        conn.close(close_code::PROTOCOL_ERROR.into(), b"unexpected control message");
+                        break "protocol error".into();
+                    }
+                    Ok(None) => {
+                        conn.close(close_code::NORMAL.into(), b"control stream ended");
+                        break "control stream ended".into();
+                    }
+                    Err(e) => {
+                        conn.close(close_code::PROTOCOL_ERROR.into(), b"bad control frame");
+                        break format!("control stream: {e}");
+                    }
+                }
+            }
+            _ = probe.tick() => {
+                if last_heard.elapsed() > hb_every * 3 {
+                    conn.close(close_code::HEARTBEAT_TIMEOUT.into(), b"missed 3 heartbeats");
+                    break "missed 3 heartbeats".into();
+                }
+                let rx = conn.stats().udp_rx.datagrams;
+                if rx != rx_seen || session.active_flows.load(Ordering::Relaxed) == 0 {
+                    rx_seen = rx;
+                    rx_changed = Instant::now();
+                } else if rx_changed.elapsed() > SILENT_WITH_FLOWS {
+                    conn.close(close_code::HEARTBEAT_TIMEOUT.into(), b"agent silent");
+                    break "agent silent while flows were active".into();
+                }
+                if session.active_flows.load(Ordering::Relaxed) > 0
+                    && write_frame(send, &ControlMsg::Probe).await.is_err()
+                {
+                    break "control stream closed".into();
+                }
+            }
+        }
+    };
+    state.registry.remove(&device.id, session.session_id);
+    if let Err(e) = state
+        .store
+        .device_seen(&device.id, &conn.remote_address().to_string())
+        .await
+    {
+        debug!("recording last seen failed: {e}");
+    }
+    info!(%reason, "device offline");
+}

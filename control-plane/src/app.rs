@@ -1,0 +1,139 @@
+//! Building and running the control plane: open the store and PKI, bind
+//! every listener (so tests can pass port 0 and read the real ports), spawn
+//! the servers, and drain them on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::pki::Pki;
+use crate::proxy::auth::Authenticator;
+use crate::proxy::{self, Protocol};
+use crate::registry::Registry;
+use crate::state::{BoundAddrs, State};
+use crate::store::Store;
+use crate::tokens;
+
+/// Time in-flight customer flows get to finish after shutdown begins.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+pub struct App {
+    pub state: Arc<State>,
+    pub addrs: BoundAddrs,
+    /// Set when this start created the first admin token (shown once).
+    pub initial_admin_token: Option<String>,
+    shutdown: CancellationToken,
+    servers: TaskTracker,
+}
+
+pub async fn start(cfg: Config) -> anyhow::Result<App> {
+    cfg.validate()?;
+    let store = Store::open(&cfg.data_dir)
+        .await
+        .with_context(|| format!("opening the database in {}", cfg.data_dir.display()))?;
+    let pki = Pki::load_or_create(&cfg.data_dir.join("pki"))?;
+    let initial_admin_token = if store.admin_token_count().await? == 0 {
+        Some(tokens::create_admin_token(&store, "initial").await?)
+    } else {
+        None
+    };
+    let bind = |a| async move {
+        TcpListener::bind(a)
+            .await
+            .with_context(|| format!("binding {a}"))
+    };
+    let http = bind(cfg.http_listen).await?;
+    let socks = bind(cfg.socks_listen).await?;
+    let api = bind(cfg.api_listen).await?;
+    let state = Arc::new(State {
+        auth: Authenticator::new(store.clone()),
+        cfg,
+        store,
+        pki,
+        registry: Registry::default(),
+        addrs: Default::default(),
+        flow_ids: Default::default(),
+        tasks: TaskTracker::new(),
+    });
+    let endpoint =
+        quinn::Endpoint::server(crate::agents::server_config(&state)?, state.cfg.quic_listen)
+            .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
+    let addrs = BoundAddrs {
+        http: http.local_addr()?,
+        socks: socks.local_addr()?,
+        api: api.local_addr()?,
+        quic: endpoint.local_addr()?,
+    };
+    let _ = state.addrs.set(addrs);
+    if let Err(e) =
+        tokens::write_json_atomically(&state.cfg.data_dir.join(tokens::RUNTIME_FILE), &addrs)
+    {
+        warn!("cannot write the runtime file: {e}");
+    }
+
+    let shutdown = CancellationToken::new();
+    let servers = TaskTracker::new();
+    servers.spawn(proxy::serve(
+        http,
+        Protocol::Http,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    servers.spawn(proxy::serve(
+        socks,
+        Protocol::Socks5,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    servers.spawn(crate::agents::serve(
+        endpoint,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let router = crate::api::router(state.clone());
+    let s = shutdown.clone();
+    servers.spawn(async move {
+        if let Err(e) = axum::serve(api, router)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+        {
+            warn!("API server: {e}");
+        }
+    });
+    info!(
+        http = %addrs.http, socks = %addrs.socks, api = %addrs.api, quic = %addrs.quic,
+        data_dir = %state.cfg.data_dir.display(),
+        "control plane listening"
+    );
+    Ok(App {
+        state,
+        addrs,
+        initial_admin_token,
+        shutdown,
+        servers,
+    })
+}
+
+impl App {
+    /// Stop accepting, give flows a grace period, close the store.
+    pub async fn shutdown(self) {
+        info!("shutting down");
+        self.shutdown.cancel();
+        self.servers.close();
+        self.state.tasks.close();
+        let _ = tokio::time::timeout(DRAIN_GRACE, async {
+            self.servers.wait().await;
+            self.state.tasks.wait().await;
+        })
+        .await;
+        self.state.store.close().await;
+        let _ = std::fs::remove_file(self.state.cfg.data_dir.join(tokens::RUNTIME_FILE));
+        info!("stopped");
+    }
+}

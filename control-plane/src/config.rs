@@ -1,0 +1,163 @@
+//! Control-plane configuration: TOML file, then command-line and
+//! environment overrides, then `validate()` before anything binds.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Database, PKI and runtime files live here.
+    pub data_dir: PathBuf,
+    /// Customer HTTP proxy (CONNECT and absolute-form HTTP).
+    pub http_listen: SocketAddr,
+    /// Customer SOCKS5 proxy.
+    pub socks_listen: SocketAddr,
+    /// REST API and health endpoint.
+    pub api_listen: SocketAddr,
+    /// QUIC listener for edge agents (UDP).
+    pub quic_listen: SocketAddr,
+    /// `host:port` agents dial, written into enrollment tokens. Defaults to
+    /// the QUIC listener's address (loopback when it listens on all
+    /// addresses), which only suits agents on this host.
+    pub public_addr: Option<String>,
+    /// Lift the address part of the target deny list (tests, local demos).
+    pub allow_private_targets: bool,
+    /// A customer must finish its proxy handshake within this time.
+    pub handshake_timeout_secs: u64,
+    /// How long a device may take to connect to a target.
+    pub connect_timeout_secs: u64,
+    /// Idle keep-alive time between requests on a customer HTTP connection.
+    pub http_idle_secs: u64,
+    /// Heartbeat period asked of agents; three missed ones mark a device
+    /// offline.
+    pub heartbeat_interval_secs: u64,
+    /// Lifetime of an enrollment token unless given explicitly.
+    pub enroll_token_ttl_secs: u64,
+    /// QUIC keep-alive and idle timeout for tunnels.
+    pub tunnel_keep_alive_secs: u64,
+    pub tunnel_idle_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./cellgate-data"),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            socks_listen: SocketAddr::from(([0, 0, 0, 0], 1080)),
+            api_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 4433)),
+            public_addr: None,
+            allow_private_targets: false,
+            handshake_timeout_secs: 10,
+            connect_timeout_secs: 10,
+            http_idle_secs: 60,
+            heartbeat_interval_secs: 15,
+            enroll_token_ttl_secs: 24 * 3600,
+            tunnel_keep_alive_secs: 10,
+            tunnel_idle_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if !(1..=300).contains(&self.handshake_timeout_secs) {
+            return bad("handshake_timeout_secs must be within 1..=300");
+        }
+        if !(1..=300).contains(&self.connect_timeout_secs) {
+            return bad("connect_timeout_secs must be within 1..=300");
+        }
+        if !(1..=3600).contains(&self.heartbeat_interval_secs) {
+            return bad("heartbeat_interval_secs must be within 1..=3600");
+        }
+        if self.tunnel_keep_alive_secs == 0
+            || self.tunnel_keep_alive_secs * 2 > self.tunnel_idle_timeout_secs
+        {
+            return bad(
+                "tunnel_keep_alive_secs must be at least 1 and at most half of tunnel_idle_timeout_secs",
+            );
+        }
+        if self.enroll_token_ttl_secs == 0 {
+            return bad("enroll_token_ttl_secs must be at least 1");
+        }
+        let ports = [self.http_listen, self.socks_listen, self.api_listen];
+        for (i, a) in ports.iter().enumerate() {
+            if a.port() != 0
+                && ports[i + 1..]
+                    .iter()
+                    .any(|b| b.port() == a.port() && b.ip() == a.ip())
+            {
+                return bad(&format!("two TCP listeners share the address {a}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    pub fn liveness(&self) -> shared::quic::transport::Liveness {
+        shared::quic::transport::Liveness {
+            keep_alive: Duration::from_secs(self.tunnel_keep_alive_secs),
+            idle_timeout: Duration::from_secs(self.tunnel_idle_timeout_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_unknown_fields_fail() {
+        Config::default().validate().unwrap();
+        let c: Config =
+            toml::from_str("http_listen = \"127.0.0.1:18080\"\nallow_private_targets = true")
+                .unwrap();
+        assert!(c.allow_private_targets);
+        assert_eq!(c.socks_listen.port(), 1080);
+        assert!(toml::from_str::<Config>("http_port = 1").is_err());
+        let dup = Config {
+            socks_listen: "0.0.0.0:8080".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(dup.validate().is_err());
+    }
+}

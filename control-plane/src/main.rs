@@ -1,0 +1,275 @@
+//! `control-plane`: serve, run the demo, and administer from the shell.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use control_plane::Config;
+use control_plane::demo::DemoArgs;
+use control_plane::store::{Store, StoreError};
+use control_plane::{pki::Pki, tokens};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "control-plane",
+    version,
+    about = "cellgate control plane: proxy ingress, device fleet and REST API"
+)]
+struct Cli {
+    /// TOML configuration file (see deploy/control-plane.example.toml).
+    #[arg(long, global = true, env = "CELLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (database, PKI); overrides the configuration file.
+    #[arg(long, global = true, env = "CELLGATE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Run everything locally with an in-process demo agent.
+    Demo(DemoArgs),
+    /// Device enrollment tokens.
+    #[command(subcommand)]
+    EnrollToken(EnrollCmd),
+    /// Proxy customers.
+    #[command(subcommand)]
+    Customer(CustomerCmd),
+    /// Admin API tokens.
+    #[command(subcommand)]
+    AdminToken(AdminCmd),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, env = "CELLGATE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    #[arg(long, env = "CELLGATE_SOCKS_LISTEN")]
+    socks_listen: Option<SocketAddr>,
+    #[arg(long, env = "CELLGATE_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    #[arg(long, env = "CELLGATE_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// host:port agents dial (goes into enrollment tokens).
+    #[arg(long, env = "CELLGATE_PUBLIC_ADDR")]
+    public_addr: Option<String>,
+    /// Let customers reach private and loopback targets (tests, local demos).
+    #[arg(long)]
+    allow_private_targets: bool,
+    /// Write the bound addresses as JSON to this file once listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum EnrollCmd {
+    /// Create a one-time token for a new device and print it.
+    Create {
+        /// The device's name.
+        #[arg(long)]
+        name: String,
+        /// Lifetime in seconds (default: enroll_token_ttl_secs, 24 h).
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomerCmd {
+    /// Add a customer (asks for the password on standard input unless --password is given).
+    Add {
+        name: String,
+        #[arg(long, env = "CELLGATE_CUSTOMER_PASSWORD")]
+        password: Option<String>,
+    },
+    /// List customers.
+    List,
+    /// Delete a customer by name or id.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Create another admin token and print it (e.g. when the first one was lost).
+    Create {
+        #[arg(long, default_value = "cli")]
+        label: String,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_logging();
+    match real_main(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("control-plane: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = load_config(&cli)?;
+    match cli.command {
+        Cmd::Serve(a) => {
+            if let Some(x) = a.http_listen {
+                cfg.http_listen = x;
+            }
+            if let Some(x) = a.socks_listen {
+                cfg.socks_listen = x;
+            }
+            if let Some(x) = a.api_listen {
+                cfg.api_listen = x;
+            }
+            if let Some(x) = a.quic_listen {
+                cfg.quic_listen = x;
+            }
+            if a.public_addr.is_some() {
+                cfg.public_addr = a.public_addr;
+            }
+            cfg.allow_private_targets |= a.allow_private_targets;
+            let app = control_plane::app::start(cfg).await?;
+            if let Some(t) = &app.initial_admin_token {
+                println!("admin token (shown once; store it safely): {t}");
+            }
+            if let Some(f) = &a.ready_file {
+                tokens::write_json_atomically(f, &app.addrs).context("writing the ready file")?;
+            }
+            wait_for_signal().await;
+            app.shutdown().await;
+            Ok(())
+        }
+        Cmd::Demo(mut a) => {
+            if a.data_dir.is_none() {
+                a.data_dir = cli.data_dir.clone();
+            }
+            let stop = CancellationToken::new();
+            let s = stop.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                s.cancel();
+            });
+            control_plane::demo::run(a, stop).await
+        }
+        Cmd::EnrollToken(EnrollCmd::Create { name, ttl_secs }) => {
+            anyhow::ensure!(
+                tokens::valid_name(&name),
+                "--name: 1-64 characters from A-Z a-z 0-9 _ . -"
+            );
+            let ttl = ttl_secs.unwrap_or(cfg.enroll_token_ttl_secs);
+            anyhow::ensure!(ttl > 0, "--ttl-secs must be positive");
+            let store = Store::open(&cfg.data_dir).await?;
+            let pki = Pki::load_or_create(&cfg.data_dir.join("pki"))?;
+            let addr = tokens::agent_addr(&cfg, None);
+            let issued = tokens::create_enroll_token(&store, &pki, addr, &name, ttl).await?;
+            store.close().await;
+            eprintln!(
+                "enrollment token for {name:?} (one use, agents dial {}, expires at unix time {}):",
+                issued.control_plane, issued.expires_at
+            );
+            eprintln!("on the device: edge-agent enroll TOKEN --state-dir /var/lib/cellgate-agent");
+            println!("{}", issued.token);
+            Ok(())
+        }
+        Cmd::Customer(c) => {
+            let store = Store::open(&cfg.data_dir).await?;
+            let r = customer(&store, c).await;
+            store.close().await;
+            r
+        }
+        Cmd::AdminToken(AdminCmd::Create { label }) => {
+            let store = Store::open(&cfg.data_dir).await?;
+            let t = tokens::create_admin_token(&store, &label).await?;
+            store.close().await;
+            println!("{t}");
+            Ok(())
+        }
+    }
+}
+
+async fn customer(store: &Store, cmd: CustomerCmd) -> anyhow::Result<()> {
+    match cmd {
+        CustomerCmd::Add { name, password } => {
+            anyhow::ensure!(
+                control_plane::api::valid_username(&name),
+                "name: 1-64 characters from A-Z a-z 0-9 _ . -"
+            );
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    eprint!("password for {name}: ");
+                    let mut line = String::new();
+                    std::io::stdin().lock().read_line(&mut line)?;
+                    line.trim_end_matches(['\r', '\n']).to_string()
+                }
+            };
+            control_plane::api::valid_password(&password).map_err(anyhow::Error::msg)?;
+            let hash = tokio::task::spawn_blocking(move || {
+                control_plane::proxy::auth::hash_password(&password)
+            })
+            .await?
+            .map_err(anyhow::Error::msg)?;
+            let id = format!("cus-{}", hex::encode(rand::random::<[u8; 6]>()));
+            match store.insert_customer(&id, &name, &hash).await {
+                Ok(_) => println!("customer {name} added ({id})"),
+                Err(StoreError::Conflict(_)) => anyhow::bail!("customer {name} already exists"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        CustomerCmd::List => {
+            for c in store.customers().await? {
+                println!(
+                    "{}\t{}\t{}",
+                    c.id,
+                    c.username,
+                    if c.disabled { "disabled" } else { "active" }
+                );
+            }
+        }
+        CustomerCmd::Delete { name } => match store.delete_customer(&name).await? {
+            Some(n) => println!("customer {n} deleted"),
+            None => anyhow::bail!("no customer {name}"),
+        },
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

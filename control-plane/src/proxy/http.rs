@@ -1,0 +1,416 @@
+//! HTTP proxy connections: `CONNECT` tunnels, and absolute-form plain HTTP
+//! requests forwarded one upstream flow per request, with keep-alive to the
+//! customer (so consecutive requests may go to different hosts).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info_span};
+
+use super::error::ProxyError;
+use super::exit;
+use super::http_head::{
+    self, BodyFraming, ChunkedTracker, HeadError, ProxyAuth, RequestHead, RequestTarget,
+    ResponseHead,
+};
+use super::socks::log_refusal;
+use crate::state::State;
+
+const READ_CHUNK: usize = 16 * 1024;
+
+enum HeadRead {
+    Head(Box<RequestHead>),
+    /// The client closed between requests, or never sent one.
+    Closed,
+    Bad(HeadError),
+    TimedOut,
+}
+
+pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
+    let span = info_span!("http", %peer);
+    async move {
+        let mut buf = BytesMut::new();
+        let handshake = state.cfg.handshake_timeout();
+        let idle = Duration::from_secs(state.cfg.http_idle_secs);
+        let mut first = true;
+        loop {
+            let read = if first {
+                tokio::time::timeout(handshake, read_head(&mut tcp, &mut buf, handshake))
+                    .await
+                    .unwrap_or(HeadRead::TimedOut)
+            } else {
+                match tokio::time::timeout(idle, wait_readable(&mut tcp, &mut buf)).await {
+                    Ok(Ok(true)) => read_head(&mut tcp, &mut buf, handshake).await,
+                    _ => HeadRead::Closed,
+                }
+            };
+            first = false;
+            let head = match read {
+                HeadRead::Head(h) => h,
+                HeadRead::Closed | HeadRead::TimedOut => return,
+                HeadRead::Bad(e) => {
+                    debug!("bad request head: {e}");
+                    let (status, reason) = match e.status() {
+                        431 => (431, "Request Header Fields Too Large"),
+                        _ => (400, "Bad Request"),
+                    };
+                    let body = format!("cellgate: {e}\n");
+                    let _ = tcp
+                        .write_all(&http_head::simple_response(status, reason, &[], &body))
+                        .await;
+                    return;
+                }
+            };
+            let user = match head.proxy_credentials() {
+                ProxyAuth::Basic { username, password } => {
+                    state.auth.verify(&username, &password).await.ok()
+                }
+                _ => None,
+            };
+            let Some(principal) = user else {
+                debug!("proxy authentication missing or wrong");
+                let resp = http_head::simple_response(
+                    407,
+                    "Proxy Authentication Required",
+                    &[("Proxy-Authenticate", "Basic realm=\"cellgate\"")],
+                    "cellgate: proxy authentication required\n",
+                );
+                let _ = tcp.write_all(&resp).await;
+                return;
+            };
+            let target = head.target.addr().clone();
+            let span = info_span!("flow", customer = %principal.username, %target);
+            let keep = match &head.target {
+                RequestTarget::Authority(_) => {
+                    connect_tunnel(&mut tcp, &mut buf, &head, state)
+                        .instrument(span)
+                        .await;
+                    false
+                }
+                RequestTarget::Absolute { .. } => {
+                    forward(&mut tcp, &mut buf, &head, state)
+                        .instrument(span)
+                        .await
+                }
+            };
+            if !keep {
+                return;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Wait until a byte of the next request arrives; `false` on EOF.
+async fn wait_readable(tcp: &mut TcpStream, buf: &mut BytesMut) -> io::Result<bool> {
+    if !buf.is_empty() {
+        return Ok(true);
+    }
+    buf.reserve(READ_CHUNK);
+    Ok(tcp.read_buf(buf).await? > 0)
+}
+
+async fn read_head(tcp: &mut TcpStream, buf: &mut BytesMut, deadline: Duration) -> HeadRead {
+    let read = async {
+        loop {
+            match http_head::parse_request_head(buf) {
+                Ok(Some((head, used))) => {
+                    buf.advance(used);
+                    return HeadRead::Head(Box::new(head));
+                }
+                Ok(None) => {}
+                Err(e) => return HeadRead::Bad(e),
+            }
+            if buf.len() >= http_head::MAX_HEAD_LEN {
+                return HeadRead::Bad(HeadError::TooLarge);
+            }
+            buf.reserve(READ_CHUNK);
+            match tcp.read_buf(buf).await {
+                Ok(0) if buf.is_empty() => return HeadRead::Closed,
+                Ok(0) => {
+                    return HeadRead::Bad(HeadError::Malformed(
+                        "connection closed inside the request head".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => return HeadRead::Closed,
+            }
+        }
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or(HeadRead::TimedOut)
+}
+
+async fn refuse(tcp: &mut TcpStream, e: &ProxyError) {
+    log_refusal(e);
+    let (status, reason) = e.http_status();
+    let body = format!("cellgate: {e}\n");
+    let _ = tcp
+        .write_all(&http_head::simple_response(status, reason, &[], &body))
+        .await;
+}
+
+async fn connect_tunnel(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    state: &State,
+) {
+    if !head.method.eq_ignore_ascii_case("CONNECT") {
+        let resp = http_head::simple_response(
+            400,
+            "Bad Request",
+            &[],
+            "cellgate: authority-form needs CONNECT\n",
+        );
+        let _ = tcp.write_all(&resp).await;
+        return;
+    }
+    let mut flow = match exit::connect(state, head.target.addr()).await {
+        Ok(f) => f,
+        Err(e) => return refuse(tcp, &e).await,
+    };
+    if tcp
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let early = buf.len() as u64;
+    if !buf.is_empty() && flow.send.write_chunk(buf.split().freeze()).await.is_err() {
+        return;
+    }
+    let pending = std::mem::take(&mut flow.pending);
+    let stats = shared::quic::relay::relay(tcp, &mut flow.send, &mut flow.recv, pending).await;
+    flow.account(stats.to_quic + early, stats.to_tcp);
+    debug!(device = %flow.device_id(), up = stats.to_quic + early, down = stats.to_tcp, "tunnel done");
+}
+
+/// Forward one plain-HTTP request; returns whether the customer connection
+/// can carry another request.
+async fn forward(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    state: &State,
+) -> bool {
+    let req_framing = match http_head::request_body_framing(head) {
+        Ok(f) => f,
+        Err(e) => {
+            let resp = http_head::simple_response(
+                e.status(),
+                "Bad Request",
+                &[],
+                &format!("cellgate: {e}\n"),
+            );
+            let _ = tcp.write_all(&resp).await;
+            return false;
+        }
+    };
+    let mut flow = match exit::connect(state, head.target.addr()).await {
+        Ok(f) => f,
+        Err(e) => {
+            refuse(tcp, &e).await;
+            return false;
+        }
+    };
+    let out = http_head::encode_origin_request(head);
+    let mut up = out.len() as u64;
+    if flow.send.write_all(&out).await.is_err() {
+        refuse(
+            tcp,
+            &ProxyError::Exit("tunnel closed while sending the request".into()),
+        )
+        .await;
+        return false;
+    }
+    match body_to_exit(tcp, buf, &mut flow.send, req_framing).await {
+        Ok(n) => up += n,
+        Err(e) => {
+            debug!("request body: {e}");
+            return false;
+        }
+    }
+    let mut rbuf = BytesMut::from(&flow.pending[..]);
+    let (resp, framing) = loop {
+        let resp = match read_response_head(&mut flow.recv, &mut rbuf).await {
+            Ok(r) => r,
+            Err(e) => {
+                refuse(
+                    tcp,
+                    &ProxyError::Exit(format!("bad response from the origin: {e}")),
+                )
+                .await;
+                return false;
+            }
+        };
+        if (100..200).contains(&resp.status) && resp.status != 101 {
+            if tcp
+                .write_all(&http_head::encode_response_head_for_client(&resp, true))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            continue;
+        }
+        match http_head::response_body_framing(&head.method, &resp) {
+            Ok(f) => break (resp, f),
+            Err(e) => {
+                refuse(
+                    tcp,
+                    &ProxyError::Exit(format!("bad response from the origin: {e}")),
+                )
+                .await;
+                return false;
+            }
+        }
+    };
+    let keep = resp.status != 101
+        && framing != BodyFraming::UntilClose
+        && http_head::client_wants_keep_alive(head);
+    let out_head = http_head::encode_response_head_for_client(&resp, keep);
+    if tcp.write_all(&out_head).await.is_err() {
+        return false;
+    }
+    let down = if resp.status == 101 {
+        // Protocol switch (e.g. WebSocket): from here on it is a tunnel.
+        let pending = rbuf.freeze();
+        let stats = shared::quic::relay::relay(tcp, &mut flow.send, &mut flow.recv, pending).await;
+        up += stats.to_quic;
+        stats.to_tcp
+    } else {
+        match body_to_client(&mut flow.recv, &mut rbuf, tcp, framing).await {
+            Ok(n) => n,
+            Err(e) => {
+                debug!("response body: {e}");
+                flow.account(up, 0);
+                return false;
+            }
+        }
+    };
+    flow.account(up, down + out_head.len() as u64);
+    debug!(device = %flow.device_id(), status = resp.status, up, down, "request done");
+    keep
+}
+
+async fn read_response_head(
+    recv: &mut RecvStream,
+    rbuf: &mut BytesMut,
+) -> Result<ResponseHead, String> {
+    loop {
+        match http_head::parse_response_head(rbuf) {
+            Ok(Some((head, used))) => {
+                rbuf.advance(used);
+                return Ok(head);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(c)) => rbuf.extend_from_slice(&c.bytes),
+            Ok(None) => return Err("origin closed before a response".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Move a request body of the given framing from the customer to the exit.
+async fn body_to_exit(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    send: &mut SendStream,
+    framing: BodyFraming,
+) -> io::Result<u64> {
+    let mut moved = 0u64;
+    let mut tracker = ChunkedTracker::new();
+    let mut left = match framing {
+        BodyFraming::Length(n) => n,
+        BodyFraming::Chunked => u64::MAX,
+        BodyFraming::Empty | BodyFraming::UntilClose => return Ok(0),
+    };
+    while left > 0 {
+        if buf.is_empty() {
+            buf.reserve(READ_CHUNK);
+            if tcp.read_buf(buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let take = if framing == BodyFraming::Chunked {
+            let n = tracker
+                .feed(buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if tracker.is_done() {
+                left = 0;
+            }
+            n
+        } else {
+            let n = (buf.len() as u64).min(left) as usize;
+            left -= n as u64;
+            n
+        };
+        moved += take as u64;
+        send.write_chunk(buf.split_to(take).freeze())
+            .await
+            .map_err(io::Error::other)?;
+    }
+    Ok(moved)
+}
+
+/// Move a response body of the given framing from the exit to the customer.
+async fn body_to_client(
+    recv: &mut RecvStream,
+    rbuf: &mut BytesMut,
+    tcp: &mut TcpStream,
+    framing: BodyFraming,
+) -> io::Result<u64> {
+    let mut moved = 0u64;
+    let mut tracker = ChunkedTracker::new();
+    let mut left = match framing {
+        BodyFraming::Empty => return Ok(0),
+        BodyFraming::Length(n) => n,
+        BodyFraming::Chunked | BodyFraming::UntilClose => u64::MAX,
+    };
+    while left > 0 {
+        if rbuf.is_empty() {
+            match recv
+                .read_chunk(64 * 1024, true)
+                .await
+                .map_err(io::Error::other)?
+            {
+                Some(c) => rbuf.extend_from_slice(&c.bytes),
+                None if framing == BodyFraming::UntilClose => break,
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
+        }
+        let take = match framing {
+            BodyFraming::Chunked => {
+                let n = tracker
+                    .feed(rbuf)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                if tracker.is_done() {
+                    left = 0;
+                }
+                n
+            }
+            BodyFraming::Length(_) => {
+                let n = (rbuf.len() as u64).min(left) as usize;
+                left -= n as u64;
+                n
+            }
+            _ => rbuf.len(),
+        };
+        tcp.write_all(&rbuf[..take]).await?;
+        rbuf.advance(take);
+        moved += take as u64;
+    }
+    Ok(moved)
+}

@@ -1,0 +1,150 @@
+//! SOCKS5 connections: handshake under a deadline, authenticate, connect
+//! through an exit, relay.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info_span};
+
+use super::auth::AuthError;
+use super::socks5::{self, Command, Reply};
+use super::{error::ProxyError, exit};
+use crate::state::State;
+
+/// Why a handshake ended without a flow. Logged at debug level: garbage and
+/// scanners are routine on a public proxy port.
+#[derive(Debug, thiserror::Error)]
+enum Handshake {
+    #[error("client went away")]
+    Closed,
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] socks5::SocksError),
+    #[error("message longer than any valid SOCKS5 message")]
+    TooLong,
+}
+
+/// Read until `parse` yields a message; the buffer never grows beyond a
+/// valid message's size.
+async fn read_msg<T>(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, socks5::SocksError>,
+) -> Result<T, Handshake> {
+    loop {
+        if let Some((msg, used)) = parse(buf)? {
+            let _ = buf.split_to(used);
+            return Ok(msg);
+        }
+        if buf.len() >= socks5::MAX_MESSAGE {
+            return Err(Handshake::TooLong);
+        }
+        buf.reserve(socks5::MAX_MESSAGE - buf.len());
+        if tcp.read_buf(buf).await? == 0 {
+            return Err(Handshake::Closed);
+        }
+    }
+}
+
+pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
+    let span = info_span!("socks5", %peer);
+    async move {
+        let mut buf = BytesMut::new();
+        let deadline = state.cfg.handshake_timeout();
+        let req = match tokio::time::timeout(deadline, handshake(&mut tcp, &mut buf, state)).await {
+            Ok(Ok(Some(req))) => req,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!("handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!("handshake deadline passed");
+                return;
+            }
+        };
+        let (target, principal) = req;
+        let span = info_span!("flow", customer = %principal, %target);
+        async move {
+            let flow = match exit::connect(state, &target).await {
+                Ok(f) => f,
+                Err(e) => {
+                    log_refusal(&e);
+                    let _ = tcp.write_all(&socks5::encode_reply(e.socks_reply(), None)).await;
+                    return;
+                }
+            };
+            let mut flow = flow;
+            if tcp.write_all(&socks5::encode_reply(Reply::Succeeded, None)).await.is_err() {
+                return;
+            }
+            // Data the client sent right behind its request (optimistic
+            // clients) goes out first.
+            if !buf.is_empty() && flow.send.write_all(&buf).await.is_err() {
+                return;
+            }
+            let early = buf.len() as u64;
+            let pending = std::mem::take(&mut flow.pending);
+            let stats = shared::quic::relay::relay(&tcp, &mut flow.send, &mut flow.recv, pending).await;
+            flow.account(stats.to_quic + early, stats.to_tcp);
+            debug!(device = %flow.device_id(), up = stats.to_quic + early, down = stats.to_tcp, "flow done");
+        }
+        .instrument(span)
+        .await
+    }
+    .instrument(span)
+    .await
+}
+
+pub(super) fn log_refusal(e: &ProxyError) {
+    match e {
+        ProxyError::Denied(_) => debug!("refused: {e}"),
+        _ => tracing::info!("failed: {e}"),
+    }
+}
+
+type Accepted = (shared::target::TargetAddr, String);
+
+async fn handshake(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    state: &State,
+) -> Result<Option<Accepted>, Handshake> {
+    let greeting = read_msg(tcp, buf, socks5::parse_greeting).await?;
+    let method = socks5::select_method(&greeting);
+    tcp.write_all(&socks5::encode_method_choice(method)).await?;
+    if method != socks5::METHOD_USERPASS {
+        return Ok(None);
+    }
+    let creds = read_msg(tcp, buf, socks5::parse_userpass).await?;
+    let principal = match state.auth.verify(&creds.username, &creds.password).await {
+        Ok(p) => p,
+        Err(e) => {
+            if e == AuthError::Invalid {
+                debug!(user = %String::from_utf8_lossy(&creds.username), "authentication failed");
+            }
+            tcp.write_all(&socks5::encode_auth_status(false)).await?;
+            return Ok(None);
+        }
+    };
+    tcp.write_all(&socks5::encode_auth_status(true)).await?;
+    let req = match read_msg(tcp, buf, socks5::parse_request).await {
+        Ok(r) => r,
+        Err(Handshake::Protocol(e)) => {
+            if let Some(reply) = e.reply() {
+                tcp.write_all(&socks5::encode_reply(reply, None)).await?;
+            }
+            return Err(Handshake::Protocol(e));
+        }
+        Err(e) => return Err(e),
+    };
+    if req.command != Command::Connect {
+        tcp.write_all(&socks5::encode_reply(Reply::CommandNotSupported, None))
+            .await?;
+        return Ok(None);
+    }
+    Ok(Some((req.target, principal.username)))
+}

@@ -1,0 +1,124 @@
+//! Agent configuration: TOML file, then command-line overrides.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shared::quic::transport::Liveness;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where enrollment stored the device identity.
+    pub state_dir: PathBuf,
+    /// Dial private, loopback and link-local targets (tests and local demos
+    /// only; never on a real device, where it exposes the device's LAN).
+    pub allow_private_targets: bool,
+    /// Override the control plane address stored at enrollment (`host:port`).
+    pub control_plane: Option<String>,
+    /// Give up connecting to a customer's target after this long.
+    pub connect_timeout_secs: u64,
+    /// QUIC keep-alive while the tunnel is idle (mobile NATs drop idle UDP).
+    pub keep_alive_secs: u64,
+    /// A tunnel that hears nothing this long is dead and gets redialed.
+    pub idle_timeout_secs: u64,
+    /// Upper bound of the reconnect backoff.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+            allow_private_targets: false,
+            control_plane: None,
+            connect_timeout_secs: 10,
+            keep_alive_secs: 10,
+            idle_timeout_secs: 30,
+            max_backoff_secs: 30,
+        }
+    }
+}
+
+pub fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/cellgate-agent")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.connect_timeout_secs == 0 || self.connect_timeout_secs > 300 {
+            return Err(ConfigError::Invalid(
+                "connect_timeout_secs must be within 1..=300".into(),
+            ));
+        }
+        if self.keep_alive_secs == 0 || self.keep_alive_secs * 2 > self.idle_timeout_secs {
+            return Err(ConfigError::Invalid(
+                "keep_alive_secs must be at least 1 and at most half of idle_timeout_secs".into(),
+            ));
+        }
+        if self.max_backoff_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "max_backoff_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn liveness(&self) -> Liveness {
+        Liveness {
+            keep_alive: Duration::from_secs(self.keep_alive_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_fields() {
+        let c = AgentConfig::from_toml("state_dir = \"/tmp/x\"\nallow_private_targets = true\n")
+            .unwrap();
+        assert!(c.allow_private_targets);
+        assert_eq!(c.connect_timeout_secs, 10);
+        c.validate().unwrap();
+        assert!(AgentConfig::from_toml("statedir = 1").is_err());
+        let bad = AgentConfig {
+            keep_alive_secs: 20,
+            ..AgentConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

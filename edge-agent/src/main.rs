@@ -1,0 +1,129 @@
+//! `edge-agent`: enroll a device, then keep its tunnel up.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use edge_agent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "cellgate edge agent: carries customer traffic out of this device's uplink"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Trade a one-time enrollment token for this device's identity.
+    Enroll {
+        /// The token printed by `control-plane enroll-token create`.
+        token: String,
+        /// Where to store the identity.
+        #[arg(long, env = "CELLGATE_AGENT_STATE_DIR", default_value_os_t = edge_agent::config::default_state_dir())]
+        state_dir: PathBuf,
+        /// Reach the control plane at this `host:port` instead of the token's address.
+        #[arg(long)]
+        control_plane: Option<String>,
+    },
+    /// Connect to the control plane and serve customer flows.
+    Run {
+        /// TOML configuration file (see deploy/edge-agent.example.toml).
+        #[arg(long, env = "CELLGATE_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "CELLGATE_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Reach the control plane at this `host:port` instead of the enrolled address.
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// Allow private, loopback and link-local targets (tests and demos only).
+        #[arg(long)]
+        allow_private_targets: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    init_logging();
+    match real_main(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Enroll {
+            token,
+            state_dir,
+            control_plane,
+        } => {
+            let id =
+                edge_agent::enroll::enroll(&token, &state_dir, control_plane.as_deref()).await?;
+            println!(
+                "enrolled as {} ({}); identity stored in {}",
+                id.meta.device_id,
+                id.meta.device_name,
+                state_dir.display()
+            );
+            println!(
+                "start it with: edge-agent run --state-dir {}",
+                state_dir.display()
+            );
+            Ok(())
+        }
+        Cmd::Run {
+            config,
+            state_dir,
+            control_plane,
+            allow_private_targets,
+        } => {
+            let mut cfg = match config {
+                Some(path) => AgentConfig::load(&path)?,
+                None => AgentConfig::default(),
+            };
+            if let Some(d) = state_dir {
+                cfg.state_dir = d;
+            }
+            if control_plane.is_some() {
+                cfg.control_plane = control_plane;
+            }
+            cfg.allow_private_targets |= allow_private_targets;
+            let shutdown = CancellationToken::new();
+            let s = shutdown.clone();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                s.cancel();
+            });
+            edge_agent::tunnel::run(cfg, shutdown).await
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

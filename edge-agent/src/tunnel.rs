@@ -1,0 +1,359 @@
+//! The tunnel: one QUIC connection to the control plane, redialed with
+//! exponential backoff and jitter whenever it ends.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::BytesMut;
+use quinn::{Connection, ConnectionError, Endpoint};
+use rand::Rng;
+use shared::policy::TargetPolicy;
+use shared::quic::framed::{read_frame, write_frame};
+use shared::quic::transport::agent_transport;
+use shared::wire::{
+    CommandKind, CommandResult, ControlMsg, DeviceFacts, DeviceKind, Heartbeat, Hello,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RejectCode, SERVER_NAME, close_code,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::AgentConfig;
+use crate::forward::{FlowCounters, serve_flow};
+use crate::identity::Identity;
+
+/// Time allowed for the QUIC handshake plus `Hello`/`Welcome`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// Counters shared by the session and the flows it serves.
+#[derive(Default, Debug)]
+pub struct AgentStats {
+    pub flows: FlowCounters,
+    pub sessions: AtomicU64,
+    pub online: AtomicU32,
+}
+
+/// Run the agent until `shutdown` fires.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let identity = Identity::load(&cfg.state_dir)?;
+    run_with_stats(cfg, identity, Arc::new(AgentStats::default()), shutdown).await
+}
+
+pub async fn run_with_stats(
+    cfg: AgentConfig,
+    identity: Identity,
+    stats: Arc<AgentStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr_text = cfg
+        .control_plane
+        .clone()
+        .unwrap_or_else(|| identity.meta.control_plane.clone());
+    let mut client =
+        crate::tls::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
+    client.transport_config(agent_transport(&cfg.liveness()));
+    let span = info_span!("agent", device = %identity.meta.device_id);
+    async move {
+        info!(control_plane = %addr_text, "agent starting");
+        let mut endpoint: Option<(SocketAddr, Endpoint)> = None;
+        let mut attempt: u32 = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let started = Instant::now();
+            let outcome = async {
+                let addr = resolve(&addr_text).await?;
+                // One endpoint for the agent's lifetime, bound to the
+                // wildcard address so that a new uplink address migrates
+                // the connection rather than breaking it.
+                let ep = match &endpoint {
+                    Some((fam, ep)) if fam.is_ipv4() == addr.is_ipv4() => ep.clone(),
+                    _ => {
+                        let ep = make_endpoint(addr)?;
+                        endpoint = Some((addr, ep.clone()));
+                        ep
+                    }
+                };
+                session(&ep, addr, client.clone(), &cfg, &stats, &shutdown).await
+            }
+            .await;
+            match outcome {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Closed(reason)) => info!(%reason, "tunnel closed"),
+                Err(e) => warn!("tunnel: {e:#}"),
+            }
+            if started.elapsed() >= STABLE_SESSION {
+                attempt = 0;
+            }
+            let delay = backoff(attempt, Duration::from_secs(cfg.max_backoff_secs));
+            attempt = attempt.saturating_add(1);
+            debug!(?delay, attempt, "reconnecting after backoff");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        if let Some((_, ep)) = endpoint {
+            ep.close(close_code::NORMAL.into(), b"agent shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        }
+        info!("agent stopped");
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Full-jitter exponential backoff: uniform in [base/2, base], base doubling
+/// from 500 ms up to `cap`. The first retry after a long session is quick.
+pub fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(500)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cap);
+    let lo = base / 2;
+    let jitter = rand::rng().random_range(0..=(base - lo).as_millis() as u64);
+    lo + Duration::from_millis(jitter)
+}
+
+enum SessionEnd {
+    Shutdown,
+    Closed(String),
+}
+
+async fn session(
+    endpoint: &Endpoint,
+    addr: SocketAddr,
+    client: quinn::ClientConfig,
+    cfg: &AgentConfig,
+    stats: &Arc<AgentStats>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<SessionEnd> {
+    let handshake = async {
+        let conn = endpoint
+            .connect_with(client, addr, SERVER_NAME)?
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = ControlMsg::Hello(Hello {
+            min_version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            agent_version: crate::AGENT_VERSION.to_string(),
+            facts: device_facts(),
+        });
+        write_frame(&mut send, &hello).await?;
+        let mut buf = BytesMut::new();
+        let answer = read_frame::<ControlMsg>(&mut recv, &mut buf).await;
+        anyhow::Ok((conn, send, recv, buf, answer))
+    };
+    let (conn, mut send, mut recv, mut buf, answer) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .context("handshake timed out")??;
+    let welcome = match answer {
+        Ok(Some(ControlMsg::Welcome(w))) => w,
+        Ok(Some(ControlMsg::Reject(r))) => {
+            let hint = match r.code {
+                RejectCode::DeviceDisabled => " (an administrator disabled this device)",
+                RejectCode::UnknownDevice => {
+                    " (the control plane no longer knows this device; enroll again)"
+                }
+                RejectCode::IncompatibleVersion => " (upgrade the agent or the control plane)",
+                RejectCode::ProtocolError => "",
+            };
+            anyhow::bail!("control plane refused the tunnel: {}{hint}", r.message);
+        }
+        Ok(other) => anyhow::bail!("unexpected answer to Hello: {other:?}"),
+        Err(e) => anyhow::bail!("{}", close_text(&conn).unwrap_or_else(|| e.to_string())),
+    };
+    info!(
+        device = %welcome.device_id,
+        name = %welcome.device_name,
+        version = welcome.version,
+        remote = %conn.remote_address(),
+        "tunnel up"
+    );
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.online.store(1, Ordering::Relaxed);
+    let policy = Arc::new(TargetPolicy {
+        allow_private_targets: cfg.allow_private_targets,
+        protected_ports: welcome.protected_ports.clone(),
+    });
+    let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
+    let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(1000)));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb_every, hb_every);
+    let started = Instant::now();
+    let mut seq = 0u64;
+
+    let end = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.close(close_code::NORMAL.into(), b"agent shutting down");
+                break SessionEnd::Shutdown;
+            }
+            stream = conn.accept_bi() => match stream {
+                Ok((s, r)) => {
+                    let policy = policy.clone();
+                    let stats = stats.clone();
+                    tokio::spawn(async move {
+                        serve_flow(s, r, &policy, connect_timeout, &stats.flows).await;
+                    });
+                }
+                Err(e) => break SessionEnd::Closed(describe(&e)),
+            },
+            msg = read_frame::<ControlMsg>(&mut recv, &mut buf) => match msg {
+                Ok(Some(ControlMsg::Command(cmd))) => {
+                    let (ok, message) = match cmd.kind {
+                        CommandKind::Ping => (true, "pong".to_string()),
+                        other => (false, format!("command {other:?} is not supported by this agent version")),
+                    };
+                    let result = ControlMsg::CommandResult(CommandResult { id: cmd.id, ok, message });
+                    write_frame(&mut send, &result).await?;
+                }
+                Ok(Some(ControlMsg::Probe)) => {}
+                Ok(Some(other)) => debug!(?other, "ignoring control message"),
+                Ok(None) => break SessionEnd::Closed("control stream ended".into()),
+                Err(e) => break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string())),
+            },
+            _ = heartbeat.tick() => {
+                seq += 1;
+                let hb = ControlMsg::Heartbeat(Heartbeat {
+                    seq,
+                    active_flows: stats.flows.active.load(Ordering::Relaxed),
+                    load_centi: load_average_centi(),
+                    uptime_s: started.elapsed().as_secs(),
+                    bytes_up: stats.flows.bytes_up.load(Ordering::Relaxed),
+                    bytes_down: stats.flows.bytes_down.load(Ordering::Relaxed),
+                    external_ip: None,
+                });
+                if let Err(e) = write_frame(&mut send, &hb).await {
+                    break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string()));
+                }
+            }
+        }
+    };
+    stats.online.store(0, Ordering::Relaxed);
+    Ok(end)
+}
+
+fn close_text(conn: &Connection) -> Option<String> {
+    conn.close_reason().map(|e| describe(&e))
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            let code = c.error_code.into_inner() as u32;
+            match code {
+                close_code::DEVICE_DISABLED => {
+                    format!("device disabled by an administrator: {reason}")
+                }
+                close_code::UNKNOWN_DEVICE => {
+                    format!("device unknown to the control plane: {reason}")
+                }
+                close_code::INCOMPATIBLE_VERSION => {
+                    format!("incompatible protocol version: {reason}")
+                }
+                _ => format!("closed by the control plane (code {code}): {reason}"),
+            }
+        }
+        ConnectionError::TimedOut => "control plane unreachable (idle timeout)".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Resolve `host:port`, preferring IPv4 (mobile uplinks are often v4-only).
+pub async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving {addr}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .with_context(|| format!("{addr} resolved to no address"))
+}
+
+/// A client endpoint on the wildcard address of `peer`'s family.
+pub fn make_endpoint(peer: SocketAddr) -> std::io::Result<Endpoint> {
+    let local = match peer.ip() {
+        IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    };
+    Endpoint::client(local)
+}
+
+/// What the agent can tell about its host.
+pub fn device_facts() -> DeviceFacts {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let os = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("{} {}", std::env::consts::OS, s.trim()))
+        .unwrap_or_else(|_| std::env::consts::OS.to_string());
+    let model = std::fs::read_to_string("/proc/device-tree/model")
+        .map(|s| s.trim_end_matches('\0').trim().to_string())
+        .unwrap_or_default();
+    let kind = if model.starts_with("Raspberry Pi") {
+        DeviceKind::RaspberryPi
+    } else if std::path::Path::new("/system/build.prop").exists() {
+        DeviceKind::Android
+    } else {
+        DeviceKind::Linux
+    };
+    let interfaces = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "lo")
+                .take(shared::wire::MAX_LIST_ITEMS)
+                .collect()
+        })
+        .unwrap_or_default();
+    DeviceFacts {
+        kind,
+        hostname,
+        model,
+        os,
+        operator: None,
+        interfaces,
+    }
+}
+
+fn load_average_centi() -> u32 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|v| (v * 100.0) as u32)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let cap = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let d = backoff(attempt, cap);
+            let base = Duration::from_millis(500)
+                .saturating_mul(1 << attempt.min(16))
+                .min(cap);
+            assert!(d >= base / 2 && d <= base, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(30, cap) <= cap);
+    }
+}

@@ -1,0 +1,64 @@
+//! Transport parameters for the tunnel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+/// Timing of the tunnel's liveness machinery.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    /// QUIC keep-alive sent by the agent when the tunnel is otherwise quiet,
+    /// so mobile carriers' NATs keep the UDP mapping.
+    pub keep_alive: Duration,
+    /// A tunnel that hears nothing for this long is dead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Flow-control windows sized for one device moving a few Gbit/s on a
+/// low-latency path; idle streams do not allocate them.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const CONN_WINDOW: u32 = 32 * 1024 * 1024;
+const SEND_WINDOW: u64 = 32 * 1024 * 1024;
+
+/// Data streams are opened by the control plane only; the agent opens the
+/// control stream and nothing else.
+pub const AGENT_ACCEPTS_STREAMS: u32 = 20_000;
+pub const CP_ACCEPTS_STREAMS: u32 = 2;
+
+fn base(l: &Liveness) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    let idle = IdleTimeout::try_from(l.idle_timeout)
+        .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(30_000)));
+    t.max_idle_timeout(Some(idle))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONN_WINDOW))
+        .send_window(SEND_WINDOW)
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// The agent's side: keeps the tunnel alive and accepts many data streams.
+pub fn agent_transport(l: &Liveness) -> Arc<TransportConfig> {
+    let mut t = base(l);
+    t.keep_alive_interval(Some(l.keep_alive))
+        .max_concurrent_bidi_streams(VarInt::from_u32(AGENT_ACCEPTS_STREAMS));
+    Arc::new(t)
+}
+
+/// The control plane's side: an agent may open only its control stream.
+pub fn control_plane_transport(l: &Liveness) -> Arc<TransportConfig> {
+    let mut t = base(l);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(CP_ACCEPTS_STREAMS));
+    Arc::new(t)
+}

@@ -1,0 +1,199 @@
+//! Messages on the control stream and on the enrollment stream.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::policy::TargetPolicy;
+
+/// Most entries accepted in any list inside a message. Bounds what a decode
+/// allocates whatever length prefix a peer sends.
+pub const MAX_LIST_ITEMS: usize = 64;
+
+/// Everything that travels on the control stream, in both directions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlMsg {
+    /// Agent → CP, first frame.
+    Hello(Hello),
+    /// CP → agent, answer to an accepted `Hello`.
+    Welcome(Welcome),
+    /// CP → agent, answer to a refused `Hello`; the connection closes next.
+    Reject(Reject),
+    /// Agent → CP, periodically.
+    Heartbeat(Heartbeat),
+    /// CP → agent.
+    Command(Command),
+    /// Agent → CP, exactly one per command id.
+    CommandResult(CommandResult),
+    /// Agent → CP, something happened on the device.
+    Event(Event),
+    /// CP → agent while customer flows are active: makes the agent's QUIC
+    /// stack acknowledge something, so a silent agent is noticed in seconds
+    /// instead of after the idle timeout. The agent ignores it.
+    Probe,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    Android,
+    UsbModem,
+    RaspberryPi,
+    #[default]
+    Linux,
+}
+
+/// What a device says about itself. Informational only: identity comes from
+/// the device's certificate, never from these fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFacts {
+    pub kind: DeviceKind,
+    pub hostname: String,
+    pub model: String,
+    pub os: String,
+    pub operator: Option<String>,
+    #[serde(deserialize_with = "bounded_vec")]
+    pub interfaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub agent_version: String,
+    pub facts: DeviceFacts,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The negotiated protocol version.
+    pub version: u16,
+    pub device_id: String,
+    pub device_name: String,
+    pub heartbeat_interval_ms: u32,
+    /// Extra constraints from the control plane, merged into the agent's own
+    /// policy (they can only tighten it).
+    ///
+    /// Bounded like every list: unbounded, a 64 KiB frame of one-byte
+    /// varints decodes into a 128 KiB vector.
+    #[serde(deserialize_with = "bounded_vec")]
+    pub protected_ports: Vec<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    IncompatibleVersion,
+    DeviceDisabled,
+    UnknownDevice,
+    ProtocolError,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub seq: u64,
+    pub active_flows: u32,
+    /// One-minute load average × 100.
+    pub load_centi: u32,
+    pub uptime_s: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub external_ip: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: u64,
+    pub kind: CommandKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandKind {
+    Ping,
+    Rotate { method: Option<String> },
+    RestartAgent,
+    Reboot,
+    SpeedTest,
+    UpdateConfig { toml: String },
+    SelfUpdate { version: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    LinkUp { interface: String },
+    LinkDown { interface: String },
+    AddressChanged { interface: String, address: String },
+    Log { level: u8, message: String },
+}
+
+/// Messages on an enrollment connection (no client certificate yet).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EnrollMsg {
+    /// Agent → CP: the token's secret and the public half of a key the agent
+    /// generated; the private key never leaves the device.
+    Request {
+        min_version: u16,
+        max_version: u16,
+        secret: String,
+        /// Raw public key (uncompressed P-256 point).
+        public_key: Vec<u8>,
+        facts: DeviceFacts,
+    },
+    /// CP → agent: the device's identity and credential.
+    Granted {
+        device_id: String,
+        device_name: String,
+        /// DER certificate for the agent's key, signed by the CA.
+        certificate: Vec<u8>,
+        /// DER certificate of the CA the agent must trust from now on.
+        ca_certificate: Vec<u8>,
+    },
+    Refused {
+        message: String,
+    },
+}
+
+/// Policy the agent uses by default for a given control-plane switch.
+pub fn policy_for(allow_private_targets: bool, protected_ports: Vec<u16>) -> TargetPolicy {
+    TargetPolicy {
+        allow_private_targets,
+        protected_ports,
+    }
+}
+
+fn bounded_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_LIST_ITEMS} items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if seq.size_hint().unwrap_or(0) > MAX_LIST_ITEMS {
+                return Err(serde::de::Error::custom("list too long"));
+            }
+            let mut v = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if v.len() == MAX_LIST_ITEMS {
+                    return Err(serde::de::Error::custom("list too long"));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(V(std::marker::PhantomData))
+}
