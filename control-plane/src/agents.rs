@@ -56,6 +56,27 @@ pub fn server_config(state: &State) -> anyhow::Result<quinn::ServerConfig> {
     Ok(sc)
 }
 
+/// The QUIC endpoint, with the persisted stateless-reset key.
+pub fn endpoint(state: &State) -> anyhow::Result<Endpoint> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &state.pki.reset_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    // Connection IDs must validate after a restart too, or the new process
+    // drops the agents' packets instead of answering with a reset.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&state.pki.reset_key[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(state.cfg.quic_listen)?;
+    Ok(Endpoint::new(
+        config,
+        Some(server_config(state)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?)
+}
+
 pub async fn serve(endpoint: Endpoint, state: Arc<State>, shutdown: CancellationToken) {
     loop {
         let incoming = tokio::select! {

@@ -61,9 +61,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         flow_ids: Default::default(),
         tasks: TaskTracker::new(),
     });
-    let endpoint =
-        quinn::Endpoint::server(crate::agents::server_config(&state)?, state.cfg.quic_listen)
-            .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
+    let endpoint = crate::agents::endpoint(&state)
+        .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
     let addrs = BoundAddrs {
         http: http.local_addr()?,
         socks: socks.local_addr()?,

@@ -160,4 +160,16 @@ mod tests {
         };
         assert!(dup.validate().is_err());
     }
+
+    #[test]
+    fn example_config_is_valid_and_matches_defaults() {
+        let text = include_str!("../../deploy/control-plane.example.toml");
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(c.handshake_timeout_secs, d.handshake_timeout_secs);
+        assert_eq!(c.heartbeat_interval_secs, d.heartbeat_interval_secs);
+        assert_eq!(c.http_listen, d.http_listen);
+        assert_eq!(c.quic_listen, d.quic_listen);
+    }
 }

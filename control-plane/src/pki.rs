@@ -18,6 +18,10 @@ const CA_KEY: &str = "ca.key.der";
 const SERVER_CERT: &str = "server.crt.der";
 const SERVER_KEY: &str = "server.key.der";
 const CA_NAME: &str = "cellgate device CA";
+/// Key for QUIC stateless resets. Kept across restarts so a restarted
+/// control plane can tell agents at once that their old connection is gone,
+/// instead of leaving them to wait out the idle timeout.
+const RESET_KEY: &str = "quic-reset.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -39,6 +43,7 @@ pub struct Pki {
     pub server_key_der: Vec<u8>,
     /// SHA-256 of the server certificate, pinned by enrollment tokens.
     pub server_fingerprint: [u8; 32],
+    pub reset_key: Vec<u8>,
 }
 
 fn ca_params() -> CertificateParams {
@@ -87,7 +92,16 @@ impl Pki {
             (cert.der().to_vec(), key.serialize_der())
         };
         let server_fingerprint = Sha256::digest(&server_cert_der).into();
+        let reset_path = dir.join(RESET_KEY);
+        let reset_key = if reset_path.exists() && read(&reset_path)?.len() == 32 {
+            read(&reset_path)?
+        } else {
+            let k = rand::random::<[u8; 32]>().to_vec();
+            write(&reset_path, &k, 0o600)?;
+            k
+        };
         Ok(Self {
+            reset_key,
             ca_cert_der,
             ca_key,
             server_cert_der,

@@ -121,4 +121,15 @@ mod tests {
         };
         assert!(bad.validate().is_err());
     }
+
+    #[test]
+    fn example_config_is_valid_and_matches_defaults() {
+        let c =
+            AgentConfig::from_toml(include_str!("../../deploy/edge-agent.example.toml")).unwrap();
+        c.validate().unwrap();
+        let d = AgentConfig::default();
+        assert_eq!(c.state_dir, d.state_dir);
+        assert_eq!(c.keep_alive_secs, d.keep_alive_secs);
+        assert_eq!(c.idle_timeout_secs, d.idle_timeout_secs);
+    }
 }

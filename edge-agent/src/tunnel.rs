@@ -264,6 +264,7 @@ fn describe(e: &ConnectionError) -> String {
             }
         }
         ConnectionError::TimedOut => "control plane unreachable (idle timeout)".into(),
+        ConnectionError::Reset => "the control plane restarted (stateless reset)".into(),
         other => other.to_string(),
     }
 }

@@ -234,6 +234,11 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
     let (Some(status), Some(minor_version)) = (resp.code, resp.version) else {
         return Err(malformed("incomplete status line"));
     };
+    // httparse takes any three digits; `055` would be forwarded as `55`,
+    // which no client parses.
+    if status < 100 {
+        return Err(malformed("status code below 100"));
+    }
     Ok(Some((
         ResponseHead {
             status,
@@ -546,10 +551,12 @@ pub fn encode_response_head_for_client(head: &ResponseHead, keep_alive: bool) ->
 }
 
 /// Whether the client asked to reuse its connection: HTTP/1.1 unless it
-/// says `close`; HTTP/1.0 only if it says `keep-alive` (old clients say it
-/// in `Proxy-Connection`).
+/// says `close`; HTTP/1.0 only if it says `keep-alive`. Old clients say
+/// either in `Proxy-Connection`, which is honoured like `Connection`.
 pub fn client_wants_keep_alive(head: &RequestHead) -> bool {
-    if has_token(&head.headers, "connection", "close") {
+    if has_token(&head.headers, "connection", "close")
+        || has_token(&head.headers, "proxy-connection", "close")
+    {
         return false;
     }
     head.minor_version >= 1
@@ -1377,7 +1384,7 @@ mod tests {
             ("HTTP/1.1", "", true),
             ("HTTP/1.1", "Connection: close\r\n", false),
             ("HTTP/1.1", "Connection: Keep-Alive, CLOSE\r\n", false),
-            ("HTTP/1.1", "Proxy-Connection: close\r\n", true),
+            ("HTTP/1.1", "Proxy-Connection: close\r\n", false),
             ("HTTP/1.0", "", false),
             ("HTTP/1.0", "Connection: keep-alive\r\n", true),
             ("HTTP/1.0", "Proxy-Connection: Keep-Alive\r\n", true),
@@ -1456,6 +1463,13 @@ mod tests {
                 "{method} {text:?}"
             );
         }
+        // Found by the http_head fuzz target: `055` parsed as 55 and was
+        // forwarded as an unparseable two-digit status.
+        assert_eq!(
+            parse_response_head(b"HTTP/1.0 055 TTP/\n\n;P/1.00 TTP/1.0 1H (\r"),
+            Err(bad("status code below 100"))
+        );
+        assert_eq!(resp("HTTP/1.1 100 Continue\r\n\r\n").status, 100);
         // obs-fold in responses is refused too.
         assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n").is_err());
         assert_eq!(
