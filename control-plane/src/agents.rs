@@ -60,6 +60,7 @@ pub fn server_config(state: &State) -> anyhow::Result<quinn::ServerConfig> {
 pub fn endpoint(state: &State) -> anyhow::Result<Endpoint> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &state.pki.reset_key);
     let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    shared::quic::transport::tune_endpoint(&mut config);
     // Connection IDs must validate after a restart too, or the new process
     // drops the agents' packets instead of answering with a reset.
     let mut cid_key = [0u8; 8];

@@ -97,6 +97,7 @@ pub fn router(state: Shared) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -146,6 +147,17 @@ async fn require_admin(
         .into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
+}
+
+/// The OpenAPI document, kept beside the crate and embedded.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
 }
 
 async fn health(AxState(state): AxState<Shared>) -> Json<Value> {
@@ -339,4 +351,39 @@ async fn create_enroll_token(
             "control_plane": issued.control_plane,
         })),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document lists exactly the routes the router serves.
+    #[test]
+    fn openapi_matches_routes() {
+        let doc: Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut got: Vec<String> = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in ["get", "post", "delete", "put", "patch"] {
+                if item.get(method).is_some() {
+                    got.push(format!("{} {path}", method.to_uppercase()));
+                }
+            }
+        }
+        got.sort();
+        let mut want = vec![
+            "GET /health",
+            "GET /openapi.json",
+            "GET /api/v1/devices",
+            "GET /api/v1/devices/{id}",
+            "DELETE /api/v1/devices/{id}",
+            "POST /api/v1/devices/{id}/disable",
+            "POST /api/v1/devices/{id}/enable",
+            "GET /api/v1/customers",
+            "POST /api/v1/customers",
+            "DELETE /api/v1/customers/{id}",
+            "POST /api/v1/enroll-tokens",
+        ];
+        want.sort();
+        assert_eq!(got, want);
+    }
 }

@@ -289,7 +289,10 @@ pub fn make_endpoint(peer: SocketAddr) -> std::io::Result<Endpoint> {
         IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         IpAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
     };
-    Endpoint::client(local)
+    let mut cfg = quinn::EndpointConfig::default();
+    shared::quic::transport::tune_endpoint(&mut cfg);
+    let socket = std::net::UdpSocket::bind(local)?;
+    Endpoint::new(cfg, None, socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// What the agent can tell about its host.

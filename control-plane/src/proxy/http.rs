@@ -185,7 +185,10 @@ async fn connect_tunnel(
         return;
     }
     let early = buf.len() as u64;
-    if !buf.is_empty() && flow.send.write_chunk(buf.split().freeze()).await.is_err() {
+    // Hand pipelined bytes to the exit and release the head buffer: a
+    // tunnel may stay open for hours.
+    let head_buf = std::mem::take(buf);
+    if !head_buf.is_empty() && flow.send.write_chunk(head_buf.freeze()).await.is_err() {
         return;
     }
     let pending = std::mem::take(&mut flow.pending);

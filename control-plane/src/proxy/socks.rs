@@ -83,10 +83,11 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
             }
             // Data the client sent right behind its request (optimistic
             // clients) goes out first.
-            if !buf.is_empty() && flow.send.write_all(&buf).await.is_err() {
+            let early = buf.len() as u64;
+            let handshake_buf = std::mem::take(&mut buf);
+            if !handshake_buf.is_empty() && flow.send.write_chunk(handshake_buf.freeze()).await.is_err() {
                 return;
             }
-            let early = buf.len() as u64;
             let pending = std::mem::take(&mut flow.pending);
             let stats = shared::quic::relay::relay(&tcp, &mut flow.send, &mut flow.recv, pending).await;
             flow.account(stats.to_quic + early, stats.to_tcp);
