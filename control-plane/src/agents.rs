@@ -69,7 +69,7 @@ pub fn endpoint(state: &State) -> anyhow::Result<Endpoint> {
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = std::net::UdpSocket::bind(state.cfg.quic_listen)?;
+    let socket = shared::quic::transport::bind_udp(state.cfg.quic_listen)?;
     Ok(Endpoint::new(
         config,
         Some(server_config(state)?),

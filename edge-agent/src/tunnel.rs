@@ -291,7 +291,7 @@ pub fn make_endpoint(peer: SocketAddr) -> std::io::Result<Endpoint> {
     };
     let mut cfg = quinn::EndpointConfig::default();
     shared::quic::transport::tune_endpoint(&mut cfg);
-    let socket = std::net::UdpSocket::bind(local)?;
+    let socket = shared::quic::transport::bind_udp(local)?;
     Endpoint::new(cfg, None, socket, Arc::new(quinn::TokioRuntime))
 }
 
