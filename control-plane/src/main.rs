@@ -103,19 +103,9 @@ enum AdminCmd {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    init_logging();
+    shared::process::init_logging();
     match real_main(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -163,7 +153,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(f) = &a.ready_file {
                 tokens::write_json_atomically(f, &app.addrs).context("writing the ready file")?;
             }
-            wait_for_signal().await;
+            shared::process::wait_for_signal().await;
             app.shutdown().await;
             Ok(())
         }
@@ -174,7 +164,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let stop = CancellationToken::new();
             let s = stop.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                shared::process::wait_for_signal().await;
                 s.cancel();
             });
             control_plane::demo::run(a, stop).await
@@ -260,16 +250,4 @@ async fn customer(store: &Store, cmd: CustomerCmd) -> anyhow::Result<()> {
         },
     }
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

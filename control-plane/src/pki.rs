@@ -3,8 +3,6 @@
 //! in `DATA_DIR/pki/`, loaded afterwards.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use rcgen::{
@@ -153,17 +151,7 @@ fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
 }
 
 fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    shared::files::write_atomic(path, data, mode).map_err(io_err(path))
 }
 
 #[cfg(test)]

@@ -46,30 +46,15 @@ pub fn default_state_dir() -> PathBuf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid configuration in {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error(transparent)]
+    File(#[from] shared::config_file::ConfigFileError),
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })
+        Ok(shared::config_file::load_toml(path)?)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {

@@ -1,8 +1,6 @@
 //! The device identity kept in the state dir.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -103,15 +101,5 @@ impl Identity {
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    shared::files::write_atomic(path, data, mode).map_err(io_err(path))
 }

@@ -46,19 +46,9 @@ enum Cmd {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    init_logging();
+    shared::process::init_logging();
     match real_main(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -109,22 +99,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let s = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                shared::process::wait_for_signal().await;
                 s.cancel();
             });
             edge_agent::tunnel::run(cfg, shutdown).await
         }
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

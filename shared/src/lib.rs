@@ -16,10 +16,15 @@
 //! Everything outside the `quic` feature is pure: bytes in, values out.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod enroll;
+pub mod files;
 pub mod policy;
 pub mod target;
 pub mod wire;
 
 #[cfg(feature = "quic")]
 pub mod quic;
+
+#[cfg(feature = "cli")]
+pub mod process;

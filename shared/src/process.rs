@@ -1,0 +1,27 @@
+//! Process plumbing for the two binaries (feature `cli`): logging to
+//! standard error with `RUST_LOG` filtering, and waiting for Ctrl-C or
+//! SIGTERM so both shut down the same way under a terminal and systemd.
+
+/// Log to standard error; `RUST_LOG` overrides the `info` default.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolve on Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
