@@ -376,6 +376,13 @@ async fn run_session(
         device_name: device.name.clone(),
         heartbeat_interval_ms: hb_every.as_millis() as u32,
         protected_ports: state.protected_ports(),
+        protected_ips: state
+            .own_ips
+            .iter()
+            .copied()
+            .chain(conn.local_ip())
+            .take(shared::wire::MAX_LIST_ITEMS)
+            .collect(),
     });
     if write_frame(send, &welcome).await.is_err() {
         return;

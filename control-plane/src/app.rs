@@ -51,7 +51,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
     let http = bind(cfg.http_listen).await?;
     let socks = bind(cfg.socks_listen).await?;
     let api = bind(cfg.api_listen).await?;
+    let own_ips = own_ips(&cfg).await;
     let state = Arc::new(State {
+        own_ips,
         auth: Authenticator::new(store.clone()),
         cfg,
         store,
@@ -117,6 +119,29 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         shutdown,
         servers,
     })
+}
+
+/// Specific listener IPs plus whatever the public address resolves to.
+async fn own_ips(cfg: &Config) -> Vec<std::net::IpAddr> {
+    let mut ips: Vec<std::net::IpAddr> = [
+        cfg.http_listen,
+        cfg.socks_listen,
+        cfg.api_listen,
+        cfg.quic_listen,
+    ]
+    .iter()
+    .map(|a| a.ip())
+    .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+    .collect();
+    if let Some(public) = &cfg.public_addr {
+        match tokio::net::lookup_host(public.as_str()).await {
+            Ok(addrs) => ips.extend(addrs.map(|a| a.ip())),
+            Err(e) => warn!("cannot resolve public_addr {public}: {e}"),
+        }
+    }
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 impl App {

@@ -31,6 +31,9 @@ pub struct State {
     pub registry: Registry,
     pub auth: Authenticator,
     pub addrs: OnceLock<BoundAddrs>,
+    /// This host's own addresses that customers must not target: the
+    /// listeners' specific IPs and the public address agents dial.
+    pub own_ips: Vec<std::net::IpAddr>,
     pub flow_ids: AtomicU64,
     pub tasks: TaskTracker,
 }
@@ -49,6 +52,7 @@ impl State {
         TargetPolicy {
             allow_private_targets: self.cfg.allow_private_targets,
             protected_ports: self.protected_ports(),
+            protected_ips: self.own_ips.clone(),
         }
     }
 }

@@ -10,7 +10,6 @@ use anyhow::Context;
 use bytes::BytesMut;
 use quinn::{Connection, ConnectionError, Endpoint};
 use rand::Rng;
-use shared::policy::TargetPolicy;
 use shared::quic::framed::{read_frame, write_frame};
 use shared::quic::transport::agent_transport;
 use shared::wire::{
@@ -180,10 +179,10 @@ async fn session(
     );
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.online.store(1, Ordering::Relaxed);
-    let policy = Arc::new(TargetPolicy {
-        allow_private_targets: cfg.allow_private_targets,
-        protected_ports: welcome.protected_ports.clone(),
-    });
+    let policy = Arc::new(shared::wire::policy_for(
+        &welcome,
+        cfg.allow_private_targets,
+    ));
     let connect_timeout = Duration::from_secs(cfg.connect_timeout_secs);
     let hb_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(1000)));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb_every, hb_every);

@@ -54,6 +54,9 @@ pub struct TargetPolicy {
     /// unspecified addresses even when private targets are allowed, because
     /// an agent on the control plane's host would otherwise reach them.
     pub protected_ports: Vec<u16>,
+    /// The control plane's own non-loopback addresses, refused on
+    /// `protected_ports` as well.
+    pub protected_ips: Vec<IpAddr>,
 }
 
 impl TargetPolicy {
@@ -62,7 +65,11 @@ impl TargetPolicy {
             return Err(DenyReason::Port);
         }
         let ip = canonical(ip);
-        if self.protected_ports.contains(&port) && (ip.is_loopback() || ip.is_unspecified()) {
+        if self.protected_ports.contains(&port)
+            && (ip.is_loopback()
+                || ip.is_unspecified()
+                || self.protected_ips.iter().any(|p| canonical(*p) == ip))
+        {
             return Err(DenyReason::ControlPlane);
         }
         if self.allow_private_targets {
@@ -230,7 +237,12 @@ mod tests {
         let p = TargetPolicy {
             allow_private_targets: true,
             protected_ports: vec![8000],
+            protected_ips: vec!["203.0.113.7".parse().unwrap()],
         };
+        let cp = Err(DenyReason::ControlPlane);
+        assert_eq!(p.check("203.0.113.7".parse().unwrap(), 8000), cp);
+        assert_eq!(p.check("::ffff:203.0.113.7".parse().unwrap(), 8000), cp);
+        assert!(p.check("203.0.113.7".parse().unwrap(), 443).is_ok());
         assert!(p.check("127.0.0.1".parse().unwrap(), 8080).is_ok());
         assert_eq!(
             p.check("1.1.1.1".parse().unwrap(), 25),

@@ -155,15 +155,24 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             text(),
             any::<u32>(),
             proptest::collection::vec(any::<u16>(), 0..=MAX_LIST_ITEMS),
+            proptest::collection::vec(any::<std::net::IpAddr>(), 0..=4),
         )
             .prop_map(
-                |(version, device_id, device_name, heartbeat_interval_ms, protected_ports)| {
+                |(
+                    version,
+                    device_id,
+                    device_name,
+                    heartbeat_interval_ms,
+                    protected_ports,
+                    protected_ips,
+                )| {
                     ControlMsg::Welcome(Welcome {
                         version,
                         device_id,
                         device_name,
                         heartbeat_interval_ms,
                         protected_ports,
+                        protected_ips,
                     })
                 }
             ),
@@ -475,6 +484,7 @@ fn huge_port_list_is_refused_cheaply() {
             device_name: "n".into(),
             heartbeat_interval_ms: 1000,
             protected_ports: vec![8080; n],
+            protected_ips: vec![],
         })
     };
     let mut ok = BytesMut::from(&frame_to_vec(&welcome(MAX_LIST_ITEMS)).unwrap()[..]);

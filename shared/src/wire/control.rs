@@ -75,6 +75,12 @@ pub struct Welcome {
     /// varints decodes into a 128 KiB vector.
     #[serde(deserialize_with = "bounded_vec")]
     pub protected_ports: Vec<u16>,
+    /// The control plane's own addresses as this agent sees them (the
+    /// address it dialed, the configured public address): refused on
+    /// `protected_ports` so customers cannot loop back into the control
+    /// plane through a device.
+    #[serde(deserialize_with = "bounded_vec")]
+    pub protected_ips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,10 +169,11 @@ pub enum EnrollMsg {
 }
 
 /// Policy the agent uses by default for a given control-plane switch.
-pub fn policy_for(allow_private_targets: bool, protected_ports: Vec<u16>) -> TargetPolicy {
+pub fn policy_for(welcome: &Welcome, allow_private_targets: bool) -> TargetPolicy {
     TargetPolicy {
         allow_private_targets,
-        protected_ports,
+        protected_ports: welcome.protected_ports.clone(),
+        protected_ips: welcome.protected_ips.clone(),
     }
 }
 
