@@ -80,8 +80,13 @@ pub async fn run_with_stats(
                     }
                 };
                 session(&ep, addr, client.clone(), &cfg, &stats, &shutdown).await
-            }
-            .await;
+            };
+            // Stop promptly even while resolving or mid-handshake; a live
+            // session handles shutdown itself (closing the connection).
+            let outcome = tokio::select! {
+                r = outcome => r,
+                _ = shutdown.cancelled() => Ok(SessionEnd::Shutdown),
+            };
             match outcome {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Closed(reason)) => info!(%reason, "tunnel closed"),
@@ -100,7 +105,7 @@ pub async fn run_with_stats(
         }
         if let Some((_, ep)) = endpoint {
             ep.close(close_code::NORMAL.into(), b"agent shutting down");
-            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
         }
         info!("agent stopped");
         Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span};
 
@@ -235,49 +235,64 @@ async fn forward(
         .await;
         return false;
     }
-    match body_to_exit(tcp, buf, &mut flow.send, req_framing).await {
-        Ok(n) => up += n,
-        Err(e) => {
-            debug!("request body: {e}");
-            return false;
-        }
-    }
     let mut rbuf = BytesMut::from(&flow.pending[..]);
-    let (resp, framing) = loop {
-        let resp = match read_response_head(&mut flow.recv, &mut rbuf).await {
-            Ok(r) => r,
-            Err(e) => {
-                refuse(
-                    tcp,
-                    &ProxyError::Exit(format!("bad response from the origin: {e}")),
-                )
-                .await;
-                return false;
-            }
-        };
-        if (100..200).contains(&resp.status) && resp.status != 101 {
-            if tcp
-                .write_all(&http_head::encode_response_head_for_client(&resp, true))
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            continue;
-        }
-        match http_head::response_body_framing(&head.method, &resp) {
-            Ok(f) => break (resp, f),
-            Err(e) => {
-                refuse(
-                    tcp,
-                    &ProxyError::Exit(format!("bad response from the origin: {e}")),
-                )
-                .await;
-                return false;
+    // The body goes up while the response head is awaited, so interim
+    // responses (100 Continue) reach a client that waits for them before
+    // sending its body.
+    let (final_head, body_complete) = {
+        let (mut rd, mut wr) = tcp.split();
+        let upload = body_to_exit(&mut rd, buf, &mut flow.send, req_framing);
+        let response = read_final_head(&mut flow.recv, &mut rbuf, &mut wr);
+        tokio::pin!(upload, response);
+        let mut uploaded: Option<io::Result<u64>> = None;
+        loop {
+            tokio::select! {
+                r = &mut upload, if uploaded.is_none() => {
+                    if let Err(e) = &r {
+                        debug!("request body: {e}");
+                        return false;
+                    }
+                    uploaded = Some(r);
+                }
+                h = &mut response => break (h, uploaded),
             }
         }
     };
-    let keep = resp.status != 101
+    let resp = match final_head {
+        Ok(Some(r)) => r,
+        Ok(None) => return false,
+        Err(e) => {
+            refuse(
+                tcp,
+                &ProxyError::Exit(format!("bad response from the origin: {e}")),
+            )
+            .await;
+            return false;
+        }
+    };
+    // A final answer before the whole body (e.g. 413, or 417 to an
+    // Expect) leaves the rest of the body unread: the connection cannot
+    // carry another request.
+    let body_done = match body_complete {
+        Some(Ok(n)) => {
+            up += n;
+            true
+        }
+        _ => false,
+    };
+    let framing = match http_head::response_body_framing(&head.method, &resp) {
+        Ok(f) => f,
+        Err(e) => {
+            refuse(
+                tcp,
+                &ProxyError::Exit(format!("bad response from the origin: {e}")),
+            )
+            .await;
+            return false;
+        }
+    };
+    let keep = body_done
+        && resp.status != 101
         && framing != BodyFraming::UntilClose
         && http_head::client_wants_keep_alive(head);
     let out_head = http_head::encode_response_head_for_client(&resp, keep);
@@ -305,6 +320,29 @@ async fn forward(
     keep
 }
 
+/// Read response heads until a final one (or 101), passing interim 1xx
+/// responses to the customer. `Ok(None)`: the customer went away.
+async fn read_final_head<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    rbuf: &mut BytesMut,
+    client: &mut W,
+) -> Result<Option<ResponseHead>, String> {
+    loop {
+        let resp = read_response_head(recv, rbuf).await?;
+        if (100..200).contains(&resp.status) && resp.status != 101 {
+            if client
+                .write_all(&http_head::encode_response_head_for_client(&resp, true))
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+            continue;
+        }
+        return Ok(Some(resp));
+    }
+}
+
 async fn read_response_head(
     recv: &mut RecvStream,
     rbuf: &mut BytesMut,
@@ -327,8 +365,8 @@ async fn read_response_head(
 }
 
 /// Move a request body of the given framing from the customer to the exit.
-async fn body_to_exit(
-    tcp: &mut TcpStream,
+async fn body_to_exit<R: AsyncRead + Unpin>(
+    tcp: &mut R,
     buf: &mut BytesMut,
     send: &mut SendStream,
     framing: BodyFraming,
