@@ -16,9 +16,6 @@ use crate::tokens;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Keep data here (default: a temporary directory removed on exit).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
     #[arg(long, default_value_t = 1080)]
@@ -38,8 +35,16 @@ pub struct DemoArgs {
     pub ready_file: Option<PathBuf>,
 }
 
-pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (data_dir, temporary) = match &args.data_dir {
+/// Run the demo. `base` is the configuration file's content (or the
+/// defaults); the demo overrides the listeners (loopback, the given ports)
+/// and the data directory (`data_dir`, else a temporary one).
+pub async fn run(
+    args: DemoArgs,
+    base: Config,
+    data_dir: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (data_dir, temporary) = match &data_dir {
         Some(d) => (d.clone(), false),
         None => (
             std::env::temp_dir().join(format!(
@@ -71,8 +76,8 @@ pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<
         socks_listen: lo(args.socks_port),
         api_listen: lo(args.api_port),
         quic_listen: lo(args.quic_port),
-        allow_private_targets: args.allow_private_targets,
-        ..Config::default()
+        allow_private_targets: args.allow_private_targets || base.allow_private_targets,
+        ..base
     };
     let app = crate::app::start(cfg).await?;
     let state = app.state.clone();

@@ -23,6 +23,7 @@ struct Cli {
     #[arg(long, global = true, env = "CELLGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory (database, PKI); overrides the configuration file.
+    /// For `demo`, omit it to use a temporary directory removed on exit.
     #[arg(long, global = true, env = "CELLGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -157,17 +158,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             app.shutdown().await;
             Ok(())
         }
-        Cmd::Demo(mut a) => {
-            if a.data_dir.is_none() {
-                a.data_dir = cli.data_dir.clone();
-            }
+        Cmd::Demo(a) => {
             let stop = CancellationToken::new();
             let s = stop.clone();
             tokio::spawn(async move {
                 shared::process::wait_for_signal().await;
                 s.cancel();
             });
-            control_plane::demo::run(a, stop).await
+            control_plane::demo::run(a, cfg, cli.data_dir.clone(), stop).await
         }
         Cmd::EnrollToken(EnrollCmd::Create { name, ttl_secs }) => {
             anyhow::ensure!(

@@ -35,6 +35,7 @@ enum Cmd {
         /// TOML configuration file (see deploy/edge-agent.example.toml).
         #[arg(long, env = "CELLGATE_AGENT_CONFIG")]
         config: Option<PathBuf>,
+        /// Where `enroll` stored the identity (default /var/lib/cellgate-agent).
         #[arg(long, env = "CELLGATE_AGENT_STATE_DIR")]
         state_dir: Option<PathBuf>,
         /// Reach the control plane at this `host:port` instead of the enrolled address.
