@@ -32,6 +32,9 @@ pub struct Config {
     pub connect_timeout_secs: u64,
     /// Idle keep-alive time between requests on a customer HTTP connection.
     pub http_idle_secs: u64,
+    /// Plain-HTTP forwarding: time an origin has to start its response once
+    /// the request was sent, before the customer gets 504.
+    pub response_timeout_secs: u64,
     /// Heartbeat period asked of agents; three missed ones mark a device
     /// offline.
     pub heartbeat_interval_secs: u64,
@@ -55,6 +58,7 @@ impl Default for Config {
             handshake_timeout_secs: 10,
             connect_timeout_secs: 10,
             http_idle_secs: 60,
+            response_timeout_secs: 60,
             heartbeat_interval_secs: 15,
             enroll_token_ttl_secs: 24 * 3600,
             tunnel_keep_alive_secs: 10,
@@ -83,6 +87,9 @@ impl Config {
         }
         if !(1..=300).contains(&self.connect_timeout_secs) {
             return bad("connect_timeout_secs must be within 1..=300");
+        }
+        if !(1..=3600).contains(&self.response_timeout_secs) {
+            return bad("response_timeout_secs must be within 1..=3600");
         }
         if !(1..=3600).contains(&self.heartbeat_interval_secs) {
             return bad("heartbeat_interval_secs must be within 1..=3600");

@@ -16,12 +16,16 @@ use crate::tokens;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
+    /// HTTP proxy port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
+    /// SOCKS5 proxy port on 127.0.0.1.
     #[arg(long, default_value_t = 1080)]
     pub socks_port: u16,
+    /// REST API port on 127.0.0.1.
     #[arg(long, default_value_t = 8000)]
     pub api_port: u16,
+    /// QUIC (UDP) port for the agent on 127.0.0.1.
     #[arg(long, default_value_t = 4433)]
     pub quic_port: u16,
     /// The demo customer as USER:PASS (default: demo and a random password).

@@ -49,12 +49,16 @@ enum Cmd {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// HTTP proxy address (default 0.0.0.0:8080).
     #[arg(long, env = "CELLGATE_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// SOCKS5 proxy address (default 0.0.0.0:1080).
     #[arg(long, env = "CELLGATE_SOCKS_LISTEN")]
     socks_listen: Option<SocketAddr>,
+    /// REST API address (default 127.0.0.1:8000).
     #[arg(long, env = "CELLGATE_API_LISTEN")]
     api_listen: Option<SocketAddr>,
+    /// QUIC (UDP) address agents connect to (default 0.0.0.0:4433).
     #[arg(long, env = "CELLGATE_QUIC_LISTEN")]
     quic_listen: Option<SocketAddr>,
     /// host:port agents dial (goes into enrollment tokens).
@@ -85,14 +89,19 @@ enum EnrollCmd {
 enum CustomerCmd {
     /// Add a customer (asks for the password on standard input unless --password is given).
     Add {
+        /// Username: 1-64 characters from A-Z a-z 0-9 _ . -
         name: String,
+        /// At least 8 characters.
         #[arg(long, env = "CELLGATE_CUSTOMER_PASSWORD")]
         password: Option<String>,
     },
     /// List customers.
     List,
     /// Delete a customer by name or id.
-    Delete { name: String },
+    Delete {
+        /// Username or customer id.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]

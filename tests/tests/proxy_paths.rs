@@ -505,3 +505,28 @@ fn absolute_form_target_overrides_a_conflicting_host_header() {
         );
     }
 }
+
+#[test]
+fn a_silent_origin_gets_504_after_the_response_timeout() {
+    let c = Cluster::start(ClusterOpts {
+        config_toml: Some("response_timeout_secs = 2\n".into()),
+        ..ClusterOpts::named("silent-origin")
+    });
+    // Accepts connections and never answers.
+    let silent = tests::Sentinel::start();
+    let r = Curl::new()
+        .proxy(&c.http_proxy())
+        .write_out("%{http_code}")
+        .arg("-o")
+        .arg("/dev/null")
+        .arg(format!("http://127.0.0.1:{}/", silent.port))
+        .max_time(Duration::from_secs(20))
+        .run();
+    assert_eq!(r.stdout.trim(), "504", "{r:?}");
+    assert!(
+        r.elapsed >= Duration::from_millis(1900) && r.elapsed < Duration::from_secs(10),
+        "504 after {:?}, expected about 2 s",
+        r.elapsed
+    );
+    assert_eq!(silent.accepted(), 1, "the origin was reached once");
+}

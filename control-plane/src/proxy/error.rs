@@ -21,7 +21,7 @@ pub enum ProxyError {
     /// The tunnel to the exit failed.
     #[error("exit failed: {0}")]
     Exit(String),
-    #[error("timed out waiting for the exit")]
+    #[error("timed out waiting for the exit or the origin")]
     Timeout,
 }
 

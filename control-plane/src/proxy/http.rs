@@ -22,6 +22,7 @@ use super::socks::log_refusal;
 use crate::state::State;
 
 const READ_CHUNK: usize = 16 * 1024;
+const TIMED_OUT: &str = "the origin did not answer in time";
 
 enum HeadRead {
     Head(Box<RequestHead>),
@@ -243,7 +244,10 @@ async fn forward(
         let (mut rd, mut wr) = tcp.split();
         let upload = body_to_exit(&mut rd, buf, &mut flow.send, req_framing);
         let response = read_final_head(&mut flow.recv, &mut rbuf, &mut wr);
-        tokio::pin!(upload, response);
+        // The origin's clock starts once the whole request is out: a slow
+        // upload is the customer's business, a silent origin is not.
+        let deadline = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+        tokio::pin!(upload, response, deadline);
         let mut uploaded: Option<io::Result<u64>> = None;
         loop {
             tokio::select! {
@@ -253,14 +257,21 @@ async fn forward(
                         return false;
                     }
                     uploaded = Some(r);
+                    let wait = Duration::from_secs(state.cfg.response_timeout_secs);
+                    deadline.as_mut().reset(tokio::time::Instant::now() + wait);
                 }
                 h = &mut response => break (h, uploaded),
+                _ = &mut deadline => break (Err(TIMED_OUT.to_string()), uploaded),
             }
         }
     };
     let resp = match final_head {
         Ok(Some(r)) => r,
         Ok(None) => return false,
+        Err(e) if e == TIMED_OUT => {
+            refuse(tcp, &ProxyError::Timeout).await;
+            return false;
+        }
         Err(e) => {
             refuse(
                 tcp,
