@@ -493,3 +493,53 @@ fn agents_stop_promptly_on_sigterm_connected_or_not() {
          (its connect/handshake is not raced against shutdown)"
     );
 }
+
+/// A frozen agent (alive, silent, no flows) is marked offline after three
+/// missed heartbeats, and comes back as the same device when it thaws.
+#[test]
+fn a_silent_agent_goes_offline_after_three_missed_heartbeats() {
+    let mut c = Cluster::start(ClusterOpts {
+        config_toml: Some("heartbeat_interval_secs = 1\n".into()),
+        ..ClusterOpts::named("heartbeats")
+    });
+    // `hello_ok` expects the origin labelled "origin".
+    let origin = FileServer::start("origin", None);
+    assert!(hello_ok(&c, &origin));
+    let id = c.agents[0].device_id.clone();
+    let connects = |c: &Cluster| {
+        c.api()
+            .device(&id)
+            .and_then(|d| d["connects"].as_i64())
+            .unwrap_or(-1)
+    };
+    assert_eq!(connects(&c), 1);
+    let pid = c.agents[0].pid().expect("agent running").to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let stopped = Instant::now();
+    let took = assert_eventually!(
+        Duration::from_secs(10),
+        c.api().device_status(&id).as_deref() == Some("offline"),
+        "device still online with its agent frozen"
+    );
+    eprintln!(
+        "offline {:?} after the agent froze (3 × 1 s heartbeats)",
+        stopped.elapsed()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "offline too early ({took:?}): heartbeats were not missed yet"
+    );
+    signal("-CONT");
+    c.wait_online(1, Duration::from_secs(20));
+    assert!(hello_ok(&c, &origin));
+    assert_eq!(c.api().devices().len(), 1, "no duplicate device");
+    assert_eq!(connects(&c), 2, "one reconnect recorded");
+    c.kill_agent(0);
+}
