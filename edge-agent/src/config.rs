@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub idle_timeout_secs: u64,
     /// Upper bound of the reconnect backoff.
     pub max_backoff_secs: u64,
+    /// Runtime threads: 1 suits devices (one core outruns any mobile
+    /// uplink); 0 means one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for AgentConfig {
@@ -36,6 +39,7 @@ impl Default for AgentConfig {
             keep_alive_secs: 10,
             idle_timeout_secs: 30,
             max_backoff_secs: 30,
+            worker_threads: 1,
         }
     }
 }
@@ -70,6 +74,11 @@ impl AgentConfig {
         if self.keep_alive_secs == 0 || self.keep_alive_secs * 2 > self.idle_timeout_secs {
             return Err(ConfigError::Invalid(
                 "keep_alive_secs must be at least 1 and at most half of idle_timeout_secs".into(),
+            ));
+        }
+        if self.worker_threads > 256 {
+            return Err(ConfigError::Invalid(
+                "worker_threads must be at most 256".into(),
             ));
         }
         if self.max_backoff_secs == 0 {

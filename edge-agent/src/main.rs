@@ -44,13 +44,15 @@ enum Cmd {
         /// Allow private, loopback and link-local targets (tests and demos only).
         #[arg(long)]
         allow_private_targets: bool,
+        /// Runtime threads: 1 (default) or more; 0 = one per CPU core.
+        #[arg(long, env = "CELLGATE_AGENT_WORKER_THREADS")]
+        worker_threads: Option<usize>,
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     shared::process::init_logging();
-    match real_main(Cli::parse()).await {
+    match real_main(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-agent: {e:#}");
@@ -59,15 +61,35 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
+/// One thread (the default) suits devices: a single core outruns any
+/// mobile uplink, and it avoids cross-thread wake-ups on every packet.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Enroll {
             token,
             state_dir,
             control_plane,
         } => {
-            let id =
-                edge_agent::enroll::enroll(&token, &state_dir, control_plane.as_deref()).await?;
+            let id = runtime(1)?.block_on(edge_agent::enroll::enroll(
+                &token,
+                &state_dir,
+                control_plane.as_deref(),
+            ))?;
             println!(
                 "enrolled as {} ({}); identity stored in {}",
                 id.meta.device_id,
@@ -85,6 +107,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             control_plane,
             allow_private_targets,
+            worker_threads,
         } => {
             let mut cfg = match config {
                 Some(path) => AgentConfig::load(&path)?,
@@ -96,14 +119,20 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if control_plane.is_some() {
                 cfg.control_plane = control_plane;
             }
+            if let Some(n) = worker_threads {
+                cfg.worker_threads = n;
+            }
             cfg.allow_private_targets |= allow_private_targets;
-            let shutdown = CancellationToken::new();
-            let s = shutdown.clone();
-            tokio::spawn(async move {
-                shared::process::wait_for_signal().await;
-                s.cancel();
-            });
-            edge_agent::tunnel::run(cfg, shutdown).await
+            cfg.validate()?;
+            runtime(cfg.worker_threads)?.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    shared::process::wait_for_signal().await;
+                    s.cancel();
+                });
+                edge_agent::tunnel::run(cfg, shutdown).await
+            })
         }
     }
 }
