@@ -114,11 +114,14 @@ async fn quic_to_tcp(
         write_all(tcp, &pending).await?;
         *moved += pending.len() as u64;
     }
+    // Everything quinn has ready goes out in one vectored write: a large
+    // message arrives as many datagram-sized chunks, and one write per
+    // chunk would cost a syscall and a wake-up of the reader each.
+    let mut chunks: [Bytes; BATCH] = Default::default();
     loop {
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                write_all(tcp, &chunk.bytes).await?;
-                *moved += chunk.bytes.len() as u64;
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                *moved += write_all_vectored(tcp, &mut chunks[..n]).await?;
             }
             Ok(None) => {
                 let _ = socket2::SockRef::from(tcp).shutdown(Shutdown::Write);
@@ -128,6 +131,44 @@ async fn quic_to_tcp(
             Err(e) => return Err(io::Error::other(e)),
         }
     }
+}
+
+/// Chunks taken from quinn per vectored write.
+const BATCH: usize = 32;
+
+/// Write every chunk, in order, with as few syscalls as the socket allows;
+/// the chunks are released as they are written.
+async fn write_all_vectored(tcp: &TcpStream, chunks: &mut [Bytes]) -> io::Result<u64> {
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut first = 0;
+    while first < chunks.len() {
+        tcp.writable().await?;
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|c| io::IoSlice::new(c))
+            .collect();
+        match tcp.try_write_vectored(&slices) {
+            Ok(mut n) => {
+                while n > 0 && first < chunks.len() {
+                    let len = chunks[first].len();
+                    if n >= len {
+                        n -= len;
+                        chunks[first] = Bytes::new();
+                        first += 1;
+                    } else {
+                        let _ = chunks[first].split_to(n);
+                        n = 0;
+                    }
+                }
+                while first < chunks.len() && chunks[first].is_empty() {
+                    first += 1;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
 }
 
 /// Write all of `data` through a shared reference.
