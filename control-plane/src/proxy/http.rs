@@ -375,40 +375,78 @@ async fn read_response_head(
     }
 }
 
+/// Where a framed body stands while its bytes pass through unchanged.
+struct BodyCursor {
+    framing: BodyFraming,
+    /// Bytes still expected (`Length`), or `u64::MAX` when the end is found
+    /// by the chunked tracker or by end of stream.
+    left: u64,
+    tracker: ChunkedTracker,
+}
+
+impl BodyCursor {
+    fn new(framing: BodyFraming) -> Self {
+        let left = match framing {
+            BodyFraming::Empty => 0,
+            BodyFraming::Length(n) => n,
+            BodyFraming::Chunked | BodyFraming::UntilClose => u64::MAX,
+        };
+        Self {
+            framing,
+            left,
+            tracker: ChunkedTracker::new(),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.left == 0
+    }
+
+    /// How many of `available` bytes belong to the body.
+    fn take(&mut self, available: &[u8]) -> io::Result<usize> {
+        match self.framing {
+            BodyFraming::Chunked => {
+                let n = self
+                    .tracker
+                    .feed(available)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                if self.tracker.is_done() {
+                    self.left = 0;
+                }
+                Ok(n)
+            }
+            BodyFraming::Length(_) => {
+                let n = (available.len() as u64).min(self.left) as usize;
+                self.left -= n as u64;
+                Ok(n)
+            }
+            BodyFraming::UntilClose => Ok(available.len()),
+            BodyFraming::Empty => Ok(0),
+        }
+    }
+}
+
 /// Move a request body of the given framing from the customer to the exit.
+/// Requests have no close-delimited bodies: `UntilClose` moves nothing.
 async fn body_to_exit<R: AsyncRead + Unpin>(
     tcp: &mut R,
     buf: &mut BytesMut,
     send: &mut SendStream,
     framing: BodyFraming,
 ) -> io::Result<u64> {
+    if framing == BodyFraming::UntilClose {
+        return Ok(0);
+    }
+    let mut body = BodyCursor::new(framing);
     let mut moved = 0u64;
-    let mut tracker = ChunkedTracker::new();
-    let mut left = match framing {
-        BodyFraming::Length(n) => n,
-        BodyFraming::Chunked => u64::MAX,
-        BodyFraming::Empty | BodyFraming::UntilClose => return Ok(0),
-    };
-    while left > 0 {
+    while !body.done() {
         if buf.is_empty() {
             buf.reserve(READ_CHUNK);
             if tcp.read_buf(buf).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
-        let take = if framing == BodyFraming::Chunked {
-            let n = tracker
-                .feed(buf)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            if tracker.is_done() {
-                left = 0;
-            }
-            n
-        } else {
-            let n = (buf.len() as u64).min(left) as usize;
-            left -= n as u64;
-            n
-        };
+        let take = body.take(buf)?;
         moved += take as u64;
         send.write_chunk(buf.split_to(take).freeze())
             .await
@@ -424,14 +462,9 @@ async fn body_to_client(
     tcp: &mut TcpStream,
     framing: BodyFraming,
 ) -> io::Result<u64> {
+    let mut body = BodyCursor::new(framing);
     let mut moved = 0u64;
-    let mut tracker = ChunkedTracker::new();
-    let mut left = match framing {
-        BodyFraming::Empty => return Ok(0),
-        BodyFraming::Length(n) => n,
-        BodyFraming::Chunked | BodyFraming::UntilClose => u64::MAX,
-    };
-    while left > 0 {
+    while !body.done() {
         if rbuf.is_empty() {
             match recv
                 .read_chunk(64 * 1024, true)
@@ -443,26 +476,45 @@ async fn body_to_client(
                 None => return Err(io::ErrorKind::UnexpectedEof.into()),
             }
         }
-        let take = match framing {
-            BodyFraming::Chunked => {
-                let n = tracker
-                    .feed(rbuf)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                if tracker.is_done() {
-                    left = 0;
-                }
-                n
-            }
-            BodyFraming::Length(_) => {
-                let n = (rbuf.len() as u64).min(left) as usize;
-                left -= n as u64;
-                n
-            }
-            _ => rbuf.len(),
-        };
+        let take = body.take(rbuf)?;
         tcp.write_all(&rbuf[..take]).await?;
         rbuf.advance(take);
         moved += take as u64;
     }
     Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_cursor_stops_at_the_end_of_each_framing() {
+        let mut c = BodyCursor::new(BodyFraming::Length(5));
+        assert_eq!(c.take(b"abc").unwrap(), 3);
+        assert!(!c.done());
+        assert_eq!(c.take(b"defGET /next").unwrap(), 2);
+        assert!(c.done());
+
+        let mut c = BodyCursor::new(BodyFraming::Chunked);
+        let body = b"3\r\nabc\r\n0\r\n\r\n";
+        let mut used = 0;
+        for piece in [&body[..4], &body[4..9], &body[9..], b"GET /next"] {
+            if !c.done() {
+                used += c.take(piece).unwrap();
+            }
+        }
+        assert!(c.done());
+        assert_eq!(used, body.len());
+
+        assert!(BodyCursor::new(BodyFraming::Empty).done());
+        let mut c = BodyCursor::new(BodyFraming::UntilClose);
+        assert_eq!(c.take(b"anything").unwrap(), 8);
+        assert!(!c.done());
+        assert!(
+            BodyCursor::new(BodyFraming::Chunked)
+                .take(b"zz\r\n")
+                .is_err()
+        );
+    }
 }

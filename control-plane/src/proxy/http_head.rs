@@ -183,14 +183,8 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
     let window = &buf[..buf.len().min(MAX_HEAD_LEN)];
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
-    let len = match req.parse(window) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_LEN => {
-            return Err(HeadError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(e) => return Err(malformed(e.to_string())),
+    let Some(len) = head_status(req.parse(window), buf.len())? else {
+        return Ok(None);
     };
     // httparse fills all three once the head is complete.
     let (Some(method), Some(path), Some(minor_version)) = (req.method, req.path, req.version)
@@ -215,6 +209,21 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, He
     Ok(Some((head, len)))
 }
 
+/// httparse's verdict on a head, with our limits applied: the head's length
+/// when complete, `None` while more bytes may complete it.
+fn head_status(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered >= MAX_HEAD_LEN => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(malformed(e.to_string())),
+    }
+}
+
 /// Parse a response head from the front of `buf`, with the same limits as
 /// requests. obs-fold and other leniencies stay off: the head is forwarded
 /// to the client, which must see the same framing we followed.
@@ -222,14 +231,8 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
     let window = &buf[..buf.len().min(MAX_HEAD_LEN)];
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(window) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_LEN => {
-            return Err(HeadError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-        Err(e) => return Err(malformed(e.to_string())),
+    let Some(len) = head_status(resp.parse(window), buf.len())? else {
+        return Ok(None);
     };
     let (Some(status), Some(minor_version)) = (resp.code, resp.version) else {
         return Err(malformed("incomplete status line"));
