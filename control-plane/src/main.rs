@@ -116,6 +116,7 @@ enum AdminCmd {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     shared::process::init_logging();
+    shared::process::raise_fd_limit();
     match real_main(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

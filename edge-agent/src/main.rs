@@ -52,6 +52,7 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     shared::process::init_logging();
+    shared::process::raise_fd_limit();
     match real_main(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

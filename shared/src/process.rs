@@ -13,6 +13,21 @@ pub fn init_logging() {
         .init();
 }
 
+/// Raise the open-file soft limit to the hard limit. Every customer flow
+/// holds a socket on each side, and the usual soft default (1024) would cap
+/// a control plane at a few hundred concurrent flows. Call after logging is
+/// set up; a failure is logged, not fatal.
+pub fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => tracing::warn!(
+            limit = n,
+            "open-file limit is low: each customer flow needs a socket; raise the hard limit (e.g. LimitNOFILE=)"
+        ),
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 /// Resolve on Ctrl-C or SIGTERM.
 pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
