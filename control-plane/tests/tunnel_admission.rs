@@ -178,3 +178,132 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
     app.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A device that sends garbage on its control stream loses its tunnel with
+/// a protocol-error close; the control plane keeps serving others.
+#[tokio::test]
+async fn malformed_control_frames_close_only_that_tunnel() {
+    let (app, id, dir) = start().await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "length prefix over the frame limit",
+            vec![0x7f, 0xff, 0xff, 0xff, 1, 2, 3],
+        ),
+        ("undecodable payload", vec![0, 0, 0, 3, 0xff, 0xff, 0xff]),
+        (
+            "a message only the control plane may send",
+            shared::wire::frame_to_vec(&ControlMsg::Probe).unwrap(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let ep = edge_agent::tunnel::make_endpoint(app.addrs.quic).unwrap();
+        let client =
+            edge_agent::tls::device_client_config(&id.ca_der, &id.cert_der, &id.key_der).unwrap();
+        let conn = ep
+            .connect_with(client, app.addrs.quic, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = ControlMsg::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            agent_version: "fuzzy".into(),
+            facts: DeviceFacts::default(),
+        });
+        write_frame(&mut send, &hello).await.unwrap();
+        let mut buf = BytesMut::new();
+        let welcome = read_frame::<ControlMsg>(&mut recv, &mut buf).await.unwrap();
+        assert!(
+            matches!(welcome, Some(ControlMsg::Welcome(_))),
+            "{what}: {welcome:?}"
+        );
+        assert_eq!(app.state.registry.online_count(), 1, "{what}");
+        send.write_all(&bytes).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        match closed {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                assert_eq!(
+                    c.error_code.into_inner(),
+                    u64::from(close_code::PROTOCOL_ERROR),
+                    "{what}"
+                );
+            }
+            other => panic!("{what}: expected a protocol-error close, got {other:?}"),
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while app.state.registry.online_count() != 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the session stayed registered"));
+    }
+    // Still serving: a well-behaved session of the same device is welcomed.
+    let (_conn, answer) = hello(&id, app.addrs.quic, 1, 1).await;
+    assert!(matches!(answer, Some(ControlMsg::Welcome(_))), "{answer:?}");
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Garbage on a data stream costs the agent that stream, not its tunnel.
+#[tokio::test]
+async fn agents_reset_malformed_data_streams_and_keep_the_tunnel() {
+    let (app, id, dir) = start().await;
+    let cfg = edge_agent::AgentConfig {
+        state_dir: dir.join("agent"),
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let agent = tokio::spawn(edge_agent::tunnel::run(cfg, stop.clone()));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while app.state.registry.online_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("agent online");
+    let session = app.state.registry.get(&id.meta.device_id).unwrap();
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],
+        vec![0x00, 0x10, 0x00, 0x00],
+        shared::wire::frame_to_vec(&shared::wire::StreamMsg::Opened).unwrap(),
+    ];
+    for bytes in garbage {
+        let (mut send, mut recv) = session.conn.open_bi().await.unwrap();
+        send.write_all(&bytes).await.unwrap();
+        let _ = send.finish();
+        let r = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1024)).await;
+        match r {
+            Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(_)))) => {}
+            other => panic!("expected the agent to reset the stream, got {other:?}"),
+        }
+    }
+    // The tunnel is intact: a proper Open gets a proper answer (the
+    // default policy refuses loopback, which is an answer too).
+    let (mut send, mut recv) = session.conn.open_bi().await.unwrap();
+    let open = shared::wire::StreamMsg::Open {
+        flow_id: 1,
+        target: shared::target::TargetAddr::Ip("127.0.0.1:9".parse().unwrap()),
+    };
+    write_frame(&mut send, &open).await.unwrap();
+    let mut buf = BytesMut::new();
+    let answer = read_frame::<shared::wire::StreamMsg>(&mut recv, &mut buf)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            answer,
+            Some(shared::wire::StreamMsg::Refused {
+                reason: shared::wire::RefuseReason::Denied,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(app.state.registry.online_count(), 1);
+    stop.cancel();
+    let _ = agent.await;
+    app.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
