@@ -404,6 +404,23 @@ async fn run_session(
         old.conn
             .close(close_code::REPLACED.into(), b"replaced by a newer session");
     }
+    // An administrator may have disabled or deleted the device between the
+    // lookup above and the insert, when a kick could not find the session
+    // yet: check again now that a kick would.
+    match state.store.device(&device.id).await {
+        Ok(Some(d)) if !d.disabled => {}
+        Ok(found) => {
+            let (code, reason): (u32, &[u8]) = match found {
+                Some(_) => (close_code::DEVICE_DISABLED, b"device disabled"),
+                None => (close_code::UNKNOWN_DEVICE, b"device deleted"),
+            };
+            state.registry.remove(&device.id, session.session_id);
+            conn.close(code.into(), reason);
+            info!("device disabled or deleted while connecting");
+            return;
+        }
+        Err(e) => warn!("re-checking the device failed: {e}"),
+    }
     let seen = seen_from(
         &hello.facts,
         &hello.agent_version,

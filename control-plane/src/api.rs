@@ -262,8 +262,12 @@ struct NewCustomer {
 
 /// Usernames customers type into proxy settings: no separators that
 /// proxies or URLs treat specially.
+/// What `valid_username` accepts, for error messages.
+pub const USERNAME_RULE: &str = "1-64 characters from A-Z a-z 0-9 _ . -, not starting with cus-";
+
 pub fn valid_username(u: &str) -> bool {
-    !u.is_empty()
+    !u.starts_with(crate::store::CUSTOMER_ID_PREFIX)
+        && !u.is_empty()
         && u.len() <= 64
         && u.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
@@ -285,9 +289,7 @@ async fn create_customer(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(c) = body?;
     if !valid_username(&c.username) {
-        return Err(ApiError::bad_request(
-            "username: 1-64 characters from A-Z a-z 0-9 _ . -",
-        ));
+        return Err(ApiError::bad_request(format!("username: {USERNAME_RULE}")));
     }
     valid_password(&c.password).map_err(ApiError::bad_request)?;
     let pw = c.password.clone();

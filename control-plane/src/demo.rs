@@ -69,7 +69,8 @@ pub async fn run(
     };
     anyhow::ensure!(
         valid_username(&user),
-        "customer name: 1-64 characters from A-Z a-z 0-9 _ . -"
+        "customer name: {}",
+        crate::api::USERNAME_RULE
     );
     valid_password(&pass).map_err(|e| anyhow::anyhow!("customer password: {e}"))?;
 

@@ -218,7 +218,8 @@ async fn customer(store: &Store, cmd: CustomerCmd) -> anyhow::Result<()> {
         CustomerCmd::Add { name, password } => {
             anyhow::ensure!(
                 control_plane::api::valid_username(&name),
-                "name: 1-64 characters from A-Z a-z 0-9 _ . -"
+                "name: {}",
+                control_plane::api::USERNAME_RULE
             );
             let password = match password {
                 Some(p) => p,

@@ -44,6 +44,7 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
+        shared::quic::relay::enable_keepalive(&tcp);
         let state = state.clone();
         let shutdown = shutdown.clone();
         state.tasks.clone().spawn(async move {

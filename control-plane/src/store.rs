@@ -13,6 +13,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub const DB_FILE: &str = "cellgate.db";
+/// Customer ids look like `cus-0123456789ab`; usernames may not start so.
+pub const CUSTOMER_ID_PREFIX: &str = "cus-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -364,14 +366,19 @@ impl Store {
         Ok(row.as_ref().map(customer_from).transpose()?)
     }
 
-    /// Delete by id or username; returns the deleted username.
+    /// Delete by id (`cus-…`) or else by username; returns the deleted
+    /// username. Usernames cannot start with `cus-`, so one call never
+    /// matches two customers.
     pub async fn delete_customer(&self, id_or_name: &str) -> Result<Option<String>, StoreError> {
-        let name: Option<String> = sqlx::query_scalar(
-            "DELETE FROM customers WHERE id = $1 OR username = $1 RETURNING username",
-        )
-        .bind(id_or_name)
-        .fetch_optional(&self.pool)
-        .await?;
+        let sql = if id_or_name.starts_with(CUSTOMER_ID_PREFIX) {
+            "DELETE FROM customers WHERE id = $1 RETURNING username"
+        } else {
+            "DELETE FROM customers WHERE username = $1 RETURNING username"
+        };
+        let name: Option<String> = sqlx::query_scalar(sql)
+            .bind(id_or_name)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(name)
     }
 }
@@ -446,6 +453,22 @@ mod tests {
             Some("alice")
         );
         assert!(s.customer_by_username("alice").await.unwrap().is_none());
+        // An id deletes that customer only, never a username equal to it.
+        s.insert_customer("cus-000000000001", "carol", "x")
+            .await
+            .unwrap();
+        s.insert_customer("cus-000000000002", "dave", "x")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.delete_customer("cus-000000000001")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("carol")
+        );
+        assert!(s.customer_by_username("dave").await.unwrap().is_some());
+        assert!(!crate::api::valid_username("cus-000000000002"));
         s.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -99,10 +99,13 @@ pub async fn dial(
     policy
         .check_port(target.port())
         .map_err(|r| (RefuseReason::Denied, r.as_str().to_string()))?;
+    // One deadline for resolving and connecting together: the control plane
+    // waits `timeout` plus a margin for the whole answer.
+    let deadline = tokio::time::Instant::now() + timeout;
     let candidates: Vec<SocketAddr> = match target {
         TargetAddr::Ip(sa) => vec![*sa],
         TargetAddr::Domain(name, port) => {
-            match tokio::time::timeout(timeout, tokio::net::lookup_host((name.as_str(), *port)))
+            match tokio::time::timeout_at(deadline, tokio::net::lookup_host((name.as_str(), *port)))
                 .await
             {
                 Ok(Ok(addrs)) => addrs.collect(),
@@ -128,12 +131,12 @@ pub async fn dial(
         let r = denial.map(|r| r.as_str()).unwrap_or("denied");
         return Err((RefuseReason::Denied, format!("{target}: {r}")));
     }
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut last = (RefuseReason::Other, String::from("no address to try"));
     for addr in allowed {
         match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
+                shared::quic::relay::enable_keepalive(&tcp);
                 return Ok(tcp);
             }
             Ok(Err(e)) => last = (classify(&e), format!("{addr}: {e}")),

@@ -40,6 +40,11 @@ pub struct Authenticator {
     cache_key: [u8; 32],
     cache: Mutex<HashMap<String, Cached>>,
     dummy_hash: String,
+    /// Argon2 runs at once. Each takes 19 MiB and a core for tens of
+    /// milliseconds; without a bound, a flood of wrong passwords would run
+    /// hundreds at a time on the blocking pool and exhaust memory. Callers
+    /// wait for a permit under their handshake deadline.
+    hashers: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// argon2id with the crate defaults (19 MiB, t=2, p=1) and a random salt.
@@ -61,6 +66,11 @@ impl Authenticator {
             cache_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
             dummy_hash: hash_password("cellgate-dummy-password").unwrap_or_default(),
+            hashers: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map_or(2, |n| n.get())
+                    .clamp(1, 16),
+            )),
         }
     }
 
@@ -105,9 +115,20 @@ impl Authenticator {
             _ => (self.dummy_hash.clone(), None),
         };
         let pw = password.to_vec();
-        let ok = tokio::task::spawn_blocking(move || verify(&pw, &phc))
+        // The permit moves into the blocking task, so a caller that gives up
+        // (deadline) does not free a slot while its hash is still running.
+        let permit = self
+            .hashers
+            .clone()
+            .acquire_owned()
             .await
-            .unwrap_or(false);
+            .map_err(|_| AuthError::Unavailable)?;
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify(&pw, &phc)
+        })
+        .await
+        .unwrap_or(false);
         match (ok, principal) {
             (true, Some(p)) => {
                 if let Ok(mut cache) = self.cache.lock() {

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span};
 
+use super::auth::AuthError;
 use super::error::ProxyError;
 use super::exit;
 use super::http_head::{
@@ -69,11 +70,25 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
             };
             let user = match head.proxy_credentials() {
                 ProxyAuth::Basic { username, password } => {
-                    state.auth.verify(&username, &password).await.ok()
+                    // Under the handshake deadline: credential checks queue
+                    // for a bounded pool of hashers.
+                    tokio::time::timeout(handshake, state.auth.verify(&username, &password))
+                        .await
+                        .unwrap_or(Err(AuthError::Unavailable))
                 }
-                _ => None,
+                _ => Err(AuthError::Invalid),
             };
-            let Some(principal) = user else {
+            if let Err(AuthError::Unavailable) = user {
+                let resp = http_head::simple_response(
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", "5")],
+                    "cellgate: authentication is temporarily unavailable, try again shortly\n",
+                );
+                let _ = tcp.write_all(&resp).await;
+                return;
+            }
+            let Ok(principal) = user else {
                 debug!("proxy authentication missing or wrong");
                 let resp = http_head::simple_response(
                     407,
@@ -321,6 +336,9 @@ async fn forward(
             Ok(n) => n,
             Err(e) => {
                 debug!("response body: {e}");
+                // The head is out: only a reset tells the customer the body
+                // is incomplete (a FIN would end a close-delimited body).
+                shared::quic::relay::abort_on_close(tcp);
                 flow.account(up, 0);
                 return false;
             }

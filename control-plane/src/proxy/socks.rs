@@ -123,11 +123,15 @@ async fn handshake(
     let creds = read_msg(tcp, buf, socks5::parse_userpass).await?;
     let principal = match state.auth.verify(&creds.username, &creds.password).await {
         Ok(p) => p,
-        Err(e) => {
-            if e == AuthError::Invalid {
-                debug!(user = %String::from_utf8_lossy(&creds.username), "authentication failed");
-            }
+        Err(AuthError::Invalid) => {
+            debug!(user = %String::from_utf8_lossy(&creds.username), "authentication failed");
             tcp.write_all(&socks5::encode_auth_status(false)).await?;
+            return Ok(None);
+        }
+        Err(AuthError::Unavailable) => {
+            // Not the customer's fault: close without claiming the
+            // password was wrong.
+            tracing::warn!("authentication unavailable (database?)");
             return Ok(None);
         }
     };

@@ -69,7 +69,7 @@ pub async fn relay(
         let code = VarInt::from_u32(close_code::STREAM_ABORTED);
         let _ = send.reset(code);
         let _ = recv.stop(code);
-        let _ = socket2::SockRef::from(tcp).shutdown(Shutdown::Both);
+        abort_on_close(tcp);
     }
     stats.clean = !failed;
     stats
@@ -169,6 +169,25 @@ async fn write_all_vectored(tcp: &TcpStream, chunks: &mut [Bytes]) -> io::Result
         }
     }
     Ok(total)
+}
+
+/// Make the socket's close send RST instead of FIN. A failed relay must not
+/// look like an orderly end: with close-delimited data (HTTP/1.0 bodies,
+/// raw protocols) a FIN would pass a truncated transfer off as complete.
+pub fn abort_on_close(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// TCP keepalive for customer and target sockets: a peer that vanished
+/// without FIN or RST (a phone that lost coverage, a NAT that forgot the
+/// mapping) is noticed in about two minutes instead of never, so its flow,
+/// stream slot and sockets are released.
+pub fn enable_keepalive(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(60))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
 /// Write all of `data` through a shared reference.
