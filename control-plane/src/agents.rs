@@ -375,7 +375,7 @@ async fn run_session(
         device_id: device.id.clone(),
         device_name: device.name.clone(),
         heartbeat_interval_ms: hb_every.as_millis() as u32,
-        protected_ports: state.protected_ports(),
+        protected_ports: state.target_policy().protected_ports.clone(),
         protected_ips: state
             .own_ips
             .iter()

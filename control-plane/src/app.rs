@@ -60,6 +60,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         pki,
         registry: Registry::default(),
         addrs: Default::default(),
+        policy: Default::default(),
         flow_ids: Default::default(),
         tasks: TaskTracker::new(),
     });
@@ -71,7 +72,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         api: api.local_addr()?,
         quic: endpoint.local_addr()?,
     };
-    let _ = state.addrs.set(addrs);
+    state.set_bound(addrs);
     if let Err(e) =
         tokens::write_json_atomically(&state.cfg.data_dir.join(tokens::RUNTIME_FILE), &addrs)
     {

@@ -34,25 +34,34 @@ pub struct State {
     /// This host's own addresses that customers must not target: the
     /// listeners' specific IPs and the public address agents dial.
     pub own_ips: Vec<std::net::IpAddr>,
+    /// The deny policy for customer targets, fixed once the listeners are
+    /// bound (their ports are part of it); read on every customer flow.
+    pub policy: OnceLock<TargetPolicy>,
     pub flow_ids: AtomicU64,
     pub tasks: TaskTracker,
 }
 
 impl State {
-    /// Ports of our own listeners: never a customer target on this host.
-    pub fn protected_ports(&self) -> Vec<u16> {
-        match self.addrs.get() {
-            Some(a) => vec![a.http.port(), a.socks.port(), a.api.port(), a.quic.port()],
-            None => vec![],
-        }
+    /// Record where the listeners ended up, and with it the policy: our own
+    /// ports are never a customer target on this host. Call before serving.
+    pub fn set_bound(&self, addrs: BoundAddrs) {
+        let _ = self.addrs.set(addrs);
+        let _ = self.policy.set(TargetPolicy {
+            allow_private_targets: self.cfg.allow_private_targets,
+            protected_ports: vec![
+                addrs.http.port(),
+                addrs.socks.port(),
+                addrs.api.port(),
+                addrs.quic.port(),
+            ],
+            protected_ips: self.own_ips.clone(),
+        });
     }
 
-    /// The control plane's check for literal targets.
-    pub fn target_policy(&self) -> TargetPolicy {
-        TargetPolicy {
-            allow_private_targets: self.cfg.allow_private_targets,
-            protected_ports: self.protected_ports(),
-            protected_ips: self.own_ips.clone(),
-        }
+    /// The control plane's check for customer targets.
+    pub fn target_policy(&self) -> &TargetPolicy {
+        // Set by `set_bound` before any listener serves; the fallback only
+        // guards against misuse and is the strict default.
+        self.policy.get_or_init(TargetPolicy::default)
     }
 }

@@ -78,26 +78,31 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
                 }
                 _ => Err(AuthError::Invalid),
             };
-            if let Err(AuthError::Unavailable) = user {
-                let resp = http_head::simple_response(
-                    503,
-                    "Service Unavailable",
-                    &[("Retry-After", "5")],
-                    "cellgate: authentication is temporarily unavailable, try again shortly\n",
-                );
-                let _ = tcp.write_all(&resp).await;
-                return;
-            }
-            let Ok(principal) = user else {
-                debug!("proxy authentication missing or wrong");
-                let resp = http_head::simple_response(
-                    407,
-                    "Proxy Authentication Required",
-                    &[("Proxy-Authenticate", "Basic realm=\"cellgate\"")],
-                    "cellgate: proxy authentication required\n",
-                );
-                let _ = tcp.write_all(&resp).await;
-                return;
+            let principal = match user {
+                Ok(p) => p,
+                Err(e) => {
+                    let resp = match e {
+                        // Not the customer's fault (database down): never
+                        // claim the credentials were wrong.
+                        AuthError::Unavailable => http_head::simple_response(
+                            503,
+                            "Service Unavailable",
+                            &[("Retry-After", "5")],
+                            "cellgate: authentication is temporarily unavailable, try again shortly\n",
+                        ),
+                        AuthError::Invalid => {
+                            debug!("proxy authentication missing or wrong");
+                            http_head::simple_response(
+                                407,
+                                "Proxy Authentication Required",
+                                &[("Proxy-Authenticate", "Basic realm=\"cellgate\"")],
+                                "cellgate: proxy authentication required\n",
+                            )
+                        }
+                    };
+                    let _ = tcp.write_all(&resp).await;
+                    return;
+                }
             };
             let target = head.target.addr().clone();
             let span = info_span!("flow", customer = %principal.username, %target);
