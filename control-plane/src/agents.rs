@@ -16,14 +16,18 @@ use sha2::{Digest, Sha256};
 use shared::quic::framed::{read_frame, write_frame};
 use shared::quic::transport::control_plane_transport;
 use shared::wire::{
-    ControlMsg, EnrollMsg, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Reject, RejectCode,
-    Welcome, close_code, negotiate,
+    ControlMsg, DEFAULT_EXIT, EnrollMsg, Event, ExitInfo, Hello, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, Reject, RejectCode, Welcome, close_code, negotiate, valid_exit_name,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::pki::fingerprint_hex;
-use crate::registry::DeviceSession;
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
+use crate::registry::{DeviceSession, ExitPhase, Pending};
 use crate::state::State;
 use crate::store::{DeviceSeen, now_ms};
 
@@ -126,18 +130,103 @@ async fn handle(incoming: Incoming, state: Arc<State>, shutdown: CancellationTok
     }
 }
 
+/// Heartbeat fields that describe exits: link state and radio readings.
+fn apply_heartbeat(session: &DeviceSession, hb: &shared::wire::Heartbeat) {
+    for st in &hb.exits {
+        if let Some(e) = session.exit(&st.name) {
+            e.link_up.store(st.link_up, Ordering::Relaxed);
+            if let Ok(mut t) = e.telemetry.lock() {
+                *t = Some(st.telemetry.clone());
+            }
+        }
+    }
+}
+
+fn apply_event(session: &DeviceSession, ev: &Event) {
+    let by_iface = |iface: &str| {
+        session
+            .exits
+            .iter()
+            .filter(|e| {
+                e.info
+                    .read()
+                    .map(|i| i.interface.as_deref() == Some(iface))
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    match ev {
+        Event::LinkUp { interface } => {
+            info!(%interface, "uplink up");
+            for e in by_iface(interface) {
+                e.link_up.store(true, Ordering::Relaxed);
+            }
+        }
+        Event::LinkDown { interface } => {
+            info!(%interface, "uplink down");
+            for e in by_iface(interface) {
+                e.link_up.store(false, Ordering::Relaxed);
+            }
+        }
+        Event::AddressChanged {
+            interface,
+            address,
+            added,
+        } => info!(%interface, %address, added, "uplink address changed"),
+        Event::Log { level, message } => info!(level, %message, "device log"),
+    }
+}
+
 fn seen_from(
     hello_facts: &shared::wire::DeviceFacts,
     agent_version: &str,
     addr: String,
 ) -> DeviceSeen {
     DeviceSeen {
-        kind: format!("{:?}", hello_facts.kind).to_lowercase(),
+        kind: kind_name(&hello_facts.kind).to_string(),
+        operator: hello_facts.operator.clone().unwrap_or_default(),
         model: hello_facts.model.clone(),
         hostname: hello_facts.hostname.clone(),
         agent_version: agent_version.to_string(),
         addr,
     }
+}
+
+pub fn kind_name(k: &shared::wire::DeviceKind) -> &'static str {
+    use shared::wire::DeviceKind::*;
+    match k {
+        Android => "android",
+        UsbModem => "usb_modem",
+        RaspberryPi => "raspberry_pi",
+        Linux => "linux",
+    }
+}
+
+/// The exits a `Hello` declares, or the one implicit exit; an error text
+/// for names that are invalid or repeated.
+fn hello_exits(hello: &Hello) -> Result<Vec<ExitInfo>, String> {
+    if hello.exits.is_empty() {
+        return Ok(vec![ExitInfo {
+            name: DEFAULT_EXIT.to_string(),
+            interface: None,
+            method: "none".into(),
+            ladder: Vec::new(),
+        }]);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for e in &hello.exits {
+        if !valid_exit_name(&e.name) {
+            return Err(format!(
+                "invalid exit name {:?} (use 1-32 characters a-z, 0-9, '_' or '-')",
+                e.name
+            ));
+        }
+        if !seen.insert(e.name.as_str()) {
+            return Err(format!("exit name {:?} appears twice", e.name));
+        }
+    }
+    Ok(hello.exits.clone())
 }
 
 async fn enrollment(conn: Connection, state: &State) {
@@ -348,8 +437,23 @@ async fn device_session(
                 return;
             }
         };
+        let exits = match hello_exits(&hello) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("{e}");
+                reject(
+                    &conn,
+                    &mut send,
+                    RejectCode::ProtocolError,
+                    close_code::PROTOCOL_ERROR,
+                    &e,
+                )
+                .await;
+                return;
+            }
+        };
         run_session(
-            conn, &mut send, &mut recv, &mut buf, hello, version, device, &state, &shutdown,
+            conn, &mut send, &mut recv, &mut buf, hello, exits, version, device, &state, &shutdown,
         )
         .await;
     }
@@ -364,6 +468,7 @@ async fn run_session(
     recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
     hello: Hello,
+    exit_infos: Vec<ExitInfo>,
     version: u16,
     device: crate::store::DeviceRow,
     state: &State,
@@ -383,10 +488,28 @@ async fn run_session(
             .chain(conn.local_ip())
             .take(shared::wire::MAX_LIST_ITEMS)
             .collect(),
+        ip_echo_url: state.ip_echo_url(),
     });
-    if write_frame(send, &welcome).await.is_err() {
-        return;
+    let exits = state.registry.exits_for(&device.id, &exit_infos);
+    match state.store.upsert_exits(&device.id, &exit_infos).await {
+        Ok(stored) => {
+            for e in &exits {
+                e.maintenance.store(device.maintenance, Ordering::Relaxed);
+                if let Some(row) = stored.iter().find(|r| r.name == e.name) {
+                    // First sight since start: take what the database knows.
+                    if e.external_ip().is_none() {
+                        e.set_external_ip(row.external_ip.clone());
+                    }
+                    if row.state == "failed" && e.phase() == ExitPhase::Ready {
+                        e.set_phase(ExitPhase::Failed);
+                        e.set_reason(row.state_reason.clone());
+                    }
+                }
+            }
+        }
+        Err(e) => warn!("recording the device's exits failed: {e}"),
     }
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(16);
     let session = Arc::new(DeviceSession {
         device_id: device.id.clone(),
         name: device.name.clone(),
@@ -399,6 +522,8 @@ async fn run_session(
         bytes_up: Default::default(),
         bytes_down: Default::default(),
         last_heartbeat: Default::default(),
+        exits,
+        commands: cmd_tx,
     });
     if let Some(old) = state.registry.insert(session.clone()) {
         old.conn
@@ -421,6 +546,12 @@ async fn run_session(
         }
         Err(e) => warn!("re-checking the device failed: {e}"),
     }
+    // Welcome goes out once the session is routable, so an agent that
+    // has its Welcome is always in the registry.
+    if write_frame(send, &welcome).await.is_err() {
+        state.registry.remove(&device.id, session.session_id);
+        return;
+    }
     let seen = seen_from(
         &hello.facts,
         &hello.agent_version,
@@ -429,7 +560,10 @@ async fn run_session(
     if let Err(e) = state.store.device_connected(&device.id, &seen).await {
         warn!("recording the connection failed: {e}");
     }
-    info!(name = %device.name, version = %hello.agent_version, "device online");
+    info!(name = %device.name, version = %hello.agent_version, exits = session.exits.len(), "device online");
+    crate::rotation::session_started(state, &session);
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut last_sample: Option<Instant> = None;
 
     let mut last_heard = Instant::now();
     let mut probe = tokio::time::interval(Duration::from_secs(1));
@@ -447,12 +581,31 @@ async fn run_session(
                 match msg {
                     Ok(Some(ControlMsg::Heartbeat(hb))) => {
                         debug!(seq = hb.seq, flows = hb.active_flows, "heartbeat");
+                        apply_heartbeat(&session, &hb);
+                        let every = Duration::from_secs(state.cfg.fleet.telemetry_sample_secs);
+                        if last_sample.is_none_or(|t| t.elapsed() >= every) {
+                            last_sample = Some(Instant::now());
+                            let store = state.store.clone();
+                            let id = device.id.clone();
+                            let hb2 = hb.clone();
+                            state.tasks.spawn(async move {
+                                if let Err(e) = store.insert_telemetry(&id, &hb2, now_ms()).await {
+                                    debug!("storing telemetry failed: {e}");
+                                }
+                            });
+                        }
                         if let Ok(mut g) = session.last_heartbeat.lock() {
                             *g = Some((now_ms(), hb));
                         }
                     }
-                    Ok(Some(ControlMsg::CommandResult(r))) => info!(id = r.id, ok = r.ok, message = %r.message, "command result"),
-                    Ok(Some(ControlMsg::Event(ev))) => info!(?ev, "device event"),
+                    Ok(Some(ControlMsg::CommandResult(r))) => {
+                        debug!(id = r.id, ok = r.ok, message = %r.message, "command result");
+                        match pending.remove(&r.id) {
+                            Some(tx) => { let _ = tx.send(r); }
+                            None => debug!(id = r.id, "result for an unknown or abandoned command"),
+                        }
+                    }
+                    Ok(Some(ControlMsg::Event(ev))) => apply_event(&session, &ev),
                     Ok(Some(other)) => {
                         warn!(?other, "unexpected control message");
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"unexpected control message");
@@ -467,6 +620,16 @@ async fn run_session(
                         break format!("control stream: {e}");
                     }
                 }
+            }
+            cmd = cmd_rx.recv() => {
+                // The session holds a sender, so the channel never closes here.
+                let Some((cmd, tx)) = cmd else { continue };
+                let id = cmd.id;
+                if write_frame(send, &ControlMsg::Command(cmd)).await.is_err() {
+                    break "control stream closed".into();
+                }
+                pending.retain(|_, tx| !tx.is_closed());
+                pending.insert(id, tx);
             }
             _ = probe.tick() => {
                 if last_heard.elapsed() > hb_every * 3 {
@@ -490,6 +653,8 @@ async fn run_session(
         }
     };
     state.registry.remove(&device.id, session.session_id);
+    // Waiting callers learn the session is gone (their senders drop).
+    drop(pending);
     if let Err(e) = state
         .store
         .device_seen(&device.id, &conn.remote_address().to_string())

@@ -21,6 +21,8 @@ use crate::state::State;
 use crate::store::{DeviceRow, StoreError};
 use crate::tokens;
 
+mod fleet;
+
 type Shared = Arc<State>;
 
 #[derive(Debug)]
@@ -88,15 +90,20 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: Shared) -> Router {
     let v1 = Router::new()
         .route("/devices", get(list_devices))
-        .route("/devices/{id}", get(get_device).delete(delete_device))
+        .route(
+            "/devices/{id}",
+            get(get_device).delete(delete_device).patch(patch_device),
+        )
         .route("/devices/{id}/disable", post(disable_device))
         .route("/devices/{id}/enable", post(enable_device))
         .route("/customers", get(list_customers).post(create_customer))
         .route("/customers/{id}", axum::routing::delete(delete_customer))
         .route("/enroll-tokens", post(create_enroll_token))
+        .merge(fleet::admin_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
+        .merge(fleet::public_routes())
         .route("/openapi.json", get(openapi))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("route") })
@@ -164,31 +171,45 @@ async fn health(AxState(state): AxState<Shared>) -> Json<Value> {
     Json(json!({"status": "ok", "devices_online": state.registry.online_count()}))
 }
 
-fn device_json(state: &State, d: DeviceRow) -> Value {
+async fn device_json(state: &State, d: DeviceRow) -> ApiResult<Value> {
     let live: Option<LiveInfo> = state.registry.get(&d.id).map(|s| s.live_info());
+    let exits = fleet::exits_json(state, &d.id, live.is_some()).await?;
+    let exit_status = |s: &str| exits.iter().any(|e| e["status"] == s);
     let status = if d.disabled {
         "disabled"
-    } else if live.is_some() {
-        "online"
-    } else {
+    } else if d.maintenance {
+        "maintenance"
+    } else if live.is_none() {
         "offline"
+    } else if exit_status("rotating") {
+        "rotating"
+    } else if exit_status("draining") {
+        "draining"
+    } else if !exits.is_empty() && exits.iter().all(|e| e["status"] == "failed") {
+        "failed"
+    } else {
+        "online"
     };
     let mut v = serde_json::to_value(&d).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
         m.insert("status".into(), json!(status));
+        m.insert("reconnects".into(), json!((d.connects - 1).max(0)));
+        m.insert("exits".into(), Value::Array(exits));
         m.insert(
             "live".into(),
             serde_json::to_value(live).unwrap_or(Value::Null),
         );
     }
-    v
+    Ok(v)
 }
 
 async fn list_devices(AxState(state): AxState<Shared>) -> ApiResult<Json<Value>> {
     let rows = state.store.devices().await?;
-    Ok(Json(Value::Array(
-        rows.into_iter().map(|d| device_json(&state, d)).collect(),
-    )))
+    let mut out = Vec::with_capacity(rows.len());
+    for d in rows {
+        out.push(device_json(&state, d).await?);
+    }
+    Ok(Json(Value::Array(out)))
 }
 
 async fn get_device(
@@ -200,7 +221,49 @@ async fn get_device(
         .device(&id)
         .await?
         .ok_or_else(|| ApiError::not_found("device"))?;
-    Ok(Json(device_json(&state, d)))
+    Ok(Json(device_json(&state, d).await?))
+}
+
+async fn patch_device(
+    AxState(state): AxState<Shared>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::store::DevicePatch>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(p) = body?;
+    if let Some(n) = &p.name
+        && !tokens::valid_name(n)
+    {
+        return Err(ApiError::bad_request(
+            "name must be 1-64 characters: letters, digits, '.', '_' or '-'",
+        ));
+    }
+    if let Some(labels) = &p.labels {
+        if labels.len() > 32 {
+            return Err(ApiError::bad_request("at most 32 labels"));
+        }
+        if let Some(bad) = labels.iter().find(|l| !fleet::valid_label(l)) {
+            return Err(ApiError::bad_request(format!(
+                "invalid label {bad:?}: use 1-32 characters a-z, 0-9, '_', '-' or '.'"
+            )));
+        }
+    }
+    if p.region.as_ref().is_some_and(|r| r.len() > 64) {
+        return Err(ApiError::bad_request(
+            "region must be at most 64 characters",
+        ));
+    }
+    if !state.store.patch_device(&id, &p).await? {
+        return Err(ApiError::not_found("device"));
+    }
+    if let Some(m) = p.maintenance {
+        state.registry.set_maintenance(&id, m);
+    }
+    let d = state
+        .store
+        .device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("device"))?;
+    Ok(Json(device_json(&state, d).await?))
 }
 
 async fn set_disabled(state: &State, id: &str, disabled: bool) -> ApiResult<Json<Value>> {
@@ -217,7 +280,7 @@ async fn set_disabled(state: &State, id: &str, disabled: bool) -> ApiResult<Json
         .device(id)
         .await?
         .ok_or_else(|| ApiError::not_found("device"))?;
-    Ok(Json(device_json(state, d)))
+    Ok(Json(device_json(state, d).await?))
 }
 
 async fn disable_device(
@@ -244,6 +307,7 @@ async fn delete_device(
     state
         .registry
         .kick(&id, close_code::UNKNOWN_DEVICE, "device deleted");
+    state.registry.forget_device(&id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -375,11 +439,28 @@ mod tests {
         let mut want = vec![
             "GET /health",
             "GET /openapi.json",
+            "GET /ip",
+            "GET /rotate/{token}",
+            "POST /rotate/{token}",
             "GET /api/v1/devices",
             "GET /api/v1/devices/{id}",
+            "PATCH /api/v1/devices/{id}",
             "DELETE /api/v1/devices/{id}",
             "POST /api/v1/devices/{id}/disable",
             "POST /api/v1/devices/{id}/enable",
+            "POST /api/v1/devices/{id}/rotate",
+            "GET /api/v1/devices/{id}/rotations",
+            "GET /api/v1/devices/{id}/ips",
+            "GET /api/v1/devices/{id}/telemetry",
+            "GET /api/v1/devices/{id}/rotation",
+            "PUT /api/v1/devices/{id}/rotation",
+            "GET /api/v1/devices/{id}/rotation-links",
+            "POST /api/v1/devices/{id}/rotation-links",
+            "GET /api/v1/rotations",
+            "DELETE /api/v1/rotation-links/{id}",
+            "GET /api/v1/label-rotation",
+            "PUT /api/v1/label-rotation/{label}",
+            "DELETE /api/v1/label-rotation/{label}",
             "GET /api/v1/customers",
             "POST /api/v1/customers",
             "DELETE /api/v1/customers/{id}",

@@ -63,6 +63,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         policy: Default::default(),
         flow_ids: Default::default(),
         tasks: TaskTracker::new(),
+        rotator: Default::default(),
     });
     let endpoint = crate::agents::endpoint(&state)
         .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
@@ -98,10 +99,12 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         state.clone(),
         shutdown.clone(),
     ));
+    servers.spawn(crate::rotation::run(state.clone(), shutdown.clone()));
     let router = crate::api::router(state.clone());
     let s = shutdown.clone();
     servers.spawn(async move {
-        if let Err(e) = axum::serve(api, router)
+        let svc = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        if let Err(e) = axum::serve(api, svc)
             .with_graceful_shutdown(s.cancelled_owned())
             .await
         {

@@ -43,6 +43,78 @@ pub struct Config {
     /// QUIC keep-alive and idle timeout for tunnels.
     pub tunnel_keep_alive_secs: u64,
     pub tunnel_idle_timeout_secs: u64,
+    /// IP rotation: `[rotation]`.
+    pub rotation: RotationSettings,
+    /// Fleet bookkeeping: `[fleet]`.
+    pub fleet: FleetSettings,
+}
+
+/// How rotations run. Seed defaults: 600 s schedule, 3 attempts 10 s apart,
+/// 60 s per attempt.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationSettings {
+    /// In-flight flows get this long to finish before the rotation starts
+    /// (no new flows go to the exit meanwhile).
+    pub drain_grace_secs: u64,
+    /// Attempts before a rotation fails; each escalates one rung of the
+    /// backend's ladder (soft step first, then harder ones).
+    pub attempts: u32,
+    /// Pause between attempts.
+    pub retry_delay_secs: u64,
+    /// Limit for one attempt: the device's step plus reading the new IP.
+    pub attempt_timeout_secs: u64,
+    /// A new address must differ from the exit's last this-many addresses.
+    pub recent_ips: u32,
+    /// Interval of a schedule that names none.
+    pub default_every_secs: u64,
+    /// Rotation links may be used at most once per this many seconds unless
+    /// created with another interval.
+    pub link_min_interval_secs: u64,
+    /// How often a failed exit's address is checked again; it returns to
+    /// the pool when a check succeeds.
+    pub recheck_failed_secs: u64,
+    /// Where agents read their exits' public addresses. Default: this
+    /// control plane's `/ip` on the API port, at the host agents dial.
+    pub ip_echo_url: Option<String>,
+}
+
+impl Default for RotationSettings {
+    fn default() -> Self {
+        Self {
+            drain_grace_secs: 10,
+            attempts: 3,
+            retry_delay_secs: 10,
+            attempt_timeout_secs: 60,
+            recent_ips: 3,
+            default_every_secs: 600,
+            link_min_interval_secs: 60,
+            recheck_failed_secs: 30,
+            ip_echo_url: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSettings {
+    /// One telemetry sample per device per this many seconds is stored.
+    pub telemetry_sample_secs: u64,
+    /// Telemetry samples older than this are deleted.
+    pub telemetry_retention_hours: u64,
+    /// Exit counters (requests, bytes) are written to the database this
+    /// often; a crash loses at most one interval of them.
+    pub counters_flush_secs: u64,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self {
+            telemetry_sample_secs: 60,
+            telemetry_retention_hours: 24,
+            counters_flush_secs: 5,
+        }
+    }
 }
 
 impl Default for Config {
@@ -63,6 +135,8 @@ impl Default for Config {
             enroll_token_ttl_secs: 24 * 3600,
             tunnel_keep_alive_secs: 10,
             tunnel_idle_timeout_secs: 30,
+            rotation: RotationSettings::default(),
+            fleet: FleetSettings::default(),
         }
     }
 }
@@ -100,6 +174,37 @@ impl Config {
             return bad(
                 "tunnel_keep_alive_secs must be at least 1 and at most half of tunnel_idle_timeout_secs",
             );
+        }
+        let r = &self.rotation;
+        if !(1..=10).contains(&r.attempts) {
+            return bad("rotation.attempts must be within 1..=10");
+        }
+        if !(5..=900).contains(&r.attempt_timeout_secs) {
+            return bad("rotation.attempt_timeout_secs must be within 5..=900");
+        }
+        if r.drain_grace_secs > 3600 || r.retry_delay_secs > 3600 {
+            return bad("rotation.drain_grace_secs and retry_delay_secs must be at most 3600");
+        }
+        if r.recent_ips > 100 {
+            return bad("rotation.recent_ips must be at most 100");
+        }
+        if r.default_every_secs < 10 {
+            return bad("rotation.default_every_secs must be at least 10");
+        }
+        if r.recheck_failed_secs == 0 {
+            return bad("rotation.recheck_failed_secs must be at least 1");
+        }
+        if let Some(u) = &r.ip_echo_url
+            && !u.starts_with("http://")
+        {
+            return bad("rotation.ip_echo_url must be an http:// URL");
+        }
+        let f = &self.fleet;
+        if f.telemetry_sample_secs == 0 || f.counters_flush_secs == 0 {
+            return bad("fleet.telemetry_sample_secs and counters_flush_secs must be at least 1");
+        }
+        if f.telemetry_retention_hours == 0 {
+            return bad("fleet.telemetry_retention_hours must be at least 1");
         }
         if self.enroll_token_ttl_secs == 0 {
             return bad("enroll_token_ttl_secs must be at least 1");

@@ -22,6 +22,7 @@ pub mod demo;
 pub mod pki;
 pub mod proxy;
 pub mod registry;
+pub mod rotation;
 pub mod state;
 pub mod store;
 pub mod tokens;

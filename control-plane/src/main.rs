@@ -45,6 +45,39 @@ enum Cmd {
     /// Admin API tokens.
     #[command(subcommand)]
     AdminToken(AdminCmd),
+    /// Devices of the running control plane: list, show, rotate.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// List devices with their status and exits.
+    List,
+    /// Show one device (JSON): exits, addresses, telemetry, counters.
+    Show { id: String },
+    /// Rotate a device's exit now and wait for the outcome.
+    Rotate {
+        id: String,
+        /// The exit to rotate (needed when the device has several).
+        #[arg(long)]
+        exit: Option<String>,
+    },
+    /// The last rotations of a device.
+    Rotations {
+        id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Create a rotation link: a secret URL that rotates the exit when
+    /// fetched (`curl URL`), at most once per --min-interval-secs.
+    RotationLink {
+        id: String,
+        #[arg(long)]
+        exit: Option<String>,
+        #[arg(long)]
+        min_interval_secs: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -203,6 +236,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             store.close().await;
             r
         }
+        Cmd::Device(c) => device(&cfg, c).await,
         Cmd::AdminToken(AdminCmd::Create { label }) => {
             let store = Store::open(&cfg.data_dir).await?;
             let t = tokens::create_admin_token(&store, &label).await?;
@@ -211,6 +245,186 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Call the running control plane's API with a short-lived admin token.
+async fn api_call(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+    body: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let addrs = tokens::read_runtime(&cfg.data_dir).with_context(|| {
+        format!(
+            "the control plane does not seem to run with data directory {} (no {} there)",
+            cfg.data_dir.display(),
+            tokens::RUNTIME_FILE
+        )
+    })?;
+    let mut api = addrs.api;
+    if api.ip().is_unspecified() {
+        api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let store = Store::open(&cfg.data_dir).await?;
+    let token = tokens::create_admin_token(&store, "cli (temporary)").await?;
+    let url = format!("http://{api}{path}");
+    let auth = format!("Bearer {token}");
+    let headers: Vec<(&str, &str)> = vec![
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let res = edge_agent::net::http::send(
+        edge_agent::net::http::Request {
+            method,
+            url: &url,
+            headers: &headers,
+            body: body.as_bytes(),
+        },
+        None,
+        timeout,
+    )
+    .await;
+    let _ = store.delete_admin_token(&tokens::sha256_hex(&token)).await;
+    store.close().await;
+    let res = res.with_context(|| format!("calling {url}"))?;
+    let v = serde_json::from_slice(&res.body).unwrap_or(serde_json::Value::Null);
+    Ok((res.status, v))
+}
+
+fn api_error(status: u16, v: &serde_json::Value) -> anyhow::Error {
+    let msg = v["error"]["message"].as_str().unwrap_or("request failed");
+    anyhow::anyhow!("{msg} (HTTP {status})")
+}
+
+async fn device(cfg: &Config, cmd: DeviceCmd) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let short = Duration::from_secs(30);
+    match cmd {
+        DeviceCmd::List => {
+            let (st, v) = api_call(cfg, "GET", "/api/v1/devices", "", short).await?;
+            anyhow::ensure!(st == 200, api_error(st, &v));
+            println!("ID\tNAME\tSTATUS\tKIND\tEXITS");
+            for d in v.as_array().into_iter().flatten() {
+                let exits: Vec<String> = d["exits"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{}={}{}",
+                            e["name"].as_str().unwrap_or("?"),
+                            e["status"].as_str().unwrap_or("?"),
+                            e["external_ip"]
+                                .as_str()
+                                .map(|ip| format!("@{ip}"))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    d["id"].as_str().unwrap_or(""),
+                    d["name"].as_str().unwrap_or(""),
+                    d["status"].as_str().unwrap_or(""),
+                    d["kind"].as_str().unwrap_or(""),
+                    exits.join(" ")
+                );
+            }
+        }
+        DeviceCmd::Show { id } => {
+            let (st, v) = api_call(cfg, "GET", &format!("/api/v1/devices/{id}"), "", short).await?;
+            anyhow::ensure!(st == 200, api_error(st, &v));
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        DeviceCmd::Rotate { id, exit } => {
+            let body = serde_json::json!({ "exit": exit }).to_string();
+            // Drain, attempts and pauses: allow the configured worst case.
+            let r = &cfg.rotation;
+            let worst = r.drain_grace_secs
+                + u64::from(r.attempts) * (r.attempt_timeout_secs + r.retry_delay_secs)
+                + 60;
+            eprintln!(
+                "rotating {id} (drain up to {} s, up to {} attempts)...",
+                r.drain_grace_secs, r.attempts
+            );
+            let (st, v) = api_call(
+                cfg,
+                "POST",
+                &format!("/api/v1/devices/{id}/rotate?cause=cli"),
+                &body,
+                Duration::from_secs(worst),
+            )
+            .await?;
+            let rot = &v["rotation"];
+            if st == 200 {
+                println!(
+                    "rotated {}/{}: {} -> {} in {} ms ({} attempt(s))",
+                    id,
+                    rot["exit"].as_str().unwrap_or(""),
+                    rot["old_ip"].as_str().unwrap_or("unknown"),
+                    rot["new_ip"].as_str().unwrap_or("?"),
+                    rot["duration_ms"],
+                    rot["attempts"]
+                );
+            } else {
+                if !rot.is_null() {
+                    eprintln!("{}", serde_json::to_string_pretty(rot)?);
+                }
+                return Err(api_error(st, &v));
+            }
+        }
+        DeviceCmd::Rotations { id, limit } => {
+            let (st, v) = api_call(
+                cfg,
+                "GET",
+                &format!("/api/v1/devices/{id}/rotations?limit={limit}"),
+                "",
+                short,
+            )
+            .await?;
+            anyhow::ensure!(st == 200, api_error(st, &v));
+            for r in v.as_array().into_iter().flatten() {
+                println!(
+                    "{}\t{}\t{}\t{}\t{} -> {}\t{} ms\t{}",
+                    r["started_at"],
+                    r["exit"].as_str().unwrap_or(""),
+                    r["cause"].as_str().unwrap_or(""),
+                    r["outcome"].as_str().unwrap_or(""),
+                    r["old_ip"].as_str().unwrap_or("-"),
+                    r["new_ip"].as_str().unwrap_or("-"),
+                    r["duration_ms"],
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+        DeviceCmd::RotationLink {
+            id,
+            exit,
+            min_interval_secs,
+        } => {
+            let body = serde_json::json!({ "exit": exit, "min_interval_secs": min_interval_secs })
+                .to_string();
+            let (st, v) = api_call(
+                cfg,
+                "POST",
+                &format!("/api/v1/devices/{id}/rotation-links"),
+                &body,
+                short,
+            )
+            .await?;
+            anyhow::ensure!(st == 201, api_error(st, &v));
+            eprintln!(
+                "rotation link {} for {id}/{} (at most once per {} s; revoke with DELETE /api/v1/rotation-links/{}):",
+                v["id"].as_str().unwrap_or(""),
+                v["exit"].as_str().unwrap_or(""),
+                v["min_interval_secs"],
+                v["id"].as_str().unwrap_or("")
+            );
+            println!("{}", v["url"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
 }
 
 async fn customer(store: &Store, cmd: CustomerCmd) -> anyhow::Result<()> {

@@ -39,6 +39,7 @@ pub struct State {
     pub policy: OnceLock<TargetPolicy>,
     pub flow_ids: AtomicU64,
     pub tasks: TaskTracker,
+    pub rotator: crate::rotation::Rotator,
 }
 
 impl State {
@@ -56,6 +57,27 @@ impl State {
             ],
             protected_ips: self.own_ips.clone(),
         });
+    }
+
+    /// Where agents read their exits' public addresses.
+    pub fn ip_echo_url(&self) -> String {
+        match &self.cfg.rotation.ip_echo_url {
+            Some(u) => u.clone(),
+            None => format!("{}/ip", self.api_base_url()),
+        }
+    }
+
+    /// The API's address as devices and customers reach it: the host of
+    /// the public address agents dial, with the API's port.
+    pub fn api_base_url(&self) -> String {
+        let addr = crate::tokens::agent_addr(&self.cfg, self.addrs.get().copied());
+        let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(&addr);
+        let port = self
+            .addrs
+            .get()
+            .map(|a| a.api.port())
+            .unwrap_or(self.cfg.api_listen.port());
+        format!("http://{host}:{port}")
     }
 
     /// The control plane's check for customer targets.

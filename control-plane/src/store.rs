@@ -12,6 +12,9 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+mod fleet;
+pub use fleet::*;
+
 pub const DB_FILE: &str = "cellgate.db";
 /// Customer ids look like `cus-0123456789ab`; usernames may not start so.
 pub const CUSTOMER_ID_PREFIX: &str = "cus-";
@@ -52,6 +55,20 @@ pub struct DeviceRow {
     pub last_seen_at: Option<i64>,
     pub connects: i64,
     pub created_at: i64,
+    pub operator: String,
+    pub region: String,
+    pub labels: Vec<String>,
+    pub maintenance: bool,
+    pub rotation: DeviceRotation,
+}
+
+/// A device's own rotation settings (`None`: use the label policy).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DeviceRotation {
+    pub enabled: bool,
+    pub every_secs: Option<i64>,
+    pub jitter_secs: Option<i64>,
+    pub after_requests: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +88,7 @@ pub struct DeviceSeen {
     pub model: String,
     pub hostname: String,
     pub agent_version: String,
+    pub operator: String,
     pub addr: String,
 }
 
@@ -81,7 +99,8 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-const DEVICE_COLS: &str = "id, name, cert_fingerprint, disabled, kind, model, hostname, agent_version, last_addr, last_seen_at, connects, created_at";
+const DEVICE_COLS: &str = "id, name, cert_fingerprint, disabled, kind, model, hostname, agent_version, last_addr, last_seen_at, connects, created_at, \
+     operator, region, labels, maintenance, rotation_enabled, rotate_every_secs, rotate_jitter_secs, rotate_after_requests";
 
 fn device_from(r: &sqlx::sqlite::SqliteRow) -> Result<DeviceRow, sqlx::Error> {
     Ok(DeviceRow {
@@ -97,6 +116,16 @@ fn device_from(r: &sqlx::sqlite::SqliteRow) -> Result<DeviceRow, sqlx::Error> {
         last_seen_at: r.try_get("last_seen_at")?,
         connects: r.try_get("connects")?,
         created_at: r.try_get("created_at")?,
+        operator: r.try_get("operator")?,
+        region: r.try_get("region")?,
+        labels: serde_json::from_str(&r.try_get::<String, _>("labels")?).unwrap_or_default(),
+        maintenance: r.try_get("maintenance")?,
+        rotation: DeviceRotation {
+            enabled: r.try_get("rotation_enabled")?,
+            every_secs: r.try_get("rotate_every_secs")?,
+            jitter_secs: r.try_get("rotate_jitter_secs")?,
+            after_requests: r.try_get("rotate_after_requests")?,
+        },
     })
 }
 
@@ -156,6 +185,14 @@ impl Store {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
+        Ok(())
+    }
+
+    pub async fn delete_admin_token(&self, hash: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM admin_tokens WHERE token_hash = $1")
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -285,7 +322,7 @@ impl Store {
     pub async fn device_connected(&self, id: &str, seen: &DeviceSeen) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE devices SET kind = $1, model = $2, hostname = $3, agent_version = $4, last_addr = $5, \
-             last_seen_at = $6, connects = connects + 1 WHERE id = $7",
+             last_seen_at = $6, connects = connects + 1, operator = $7 WHERE id = $8",
         )
         .bind(&seen.kind)
         .bind(&seen.model)
@@ -293,6 +330,7 @@ impl Store {
         .bind(&seen.agent_version)
         .bind(&seen.addr)
         .bind(now_ms())
+        .bind(&seen.operator)
         .bind(id)
         .execute(&self.pool)
         .await?;

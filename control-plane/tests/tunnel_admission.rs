@@ -58,6 +58,7 @@ async fn hello(
         max_version: max,
         agent_version: "test".into(),
         facts: DeviceFacts::default(),
+        exits: vec![],
     });
     write_frame(&mut send, &msg).await.unwrap();
     let mut buf = BytesMut::new();
@@ -161,6 +162,7 @@ async fn a_certificate_from_another_ca_cannot_open_a_tunnel() {
             max_version: 1,
             agent_version: "forged".into(),
             facts: DeviceFacts::default(),
+            exits: vec![],
         });
         write_frame(&mut send, &hello).await?;
         let mut buf = BytesMut::new();
@@ -210,6 +212,7 @@ async fn malformed_control_frames_close_only_that_tunnel() {
             max_version: 1,
             agent_version: "fuzzy".into(),
             facts: DeviceFacts::default(),
+            exits: vec![],
         });
         write_frame(&mut send, &hello).await.unwrap();
         let mut buf = BytesMut::new();
@@ -284,6 +287,7 @@ async fn agents_reset_malformed_data_streams_and_keep_the_tunnel() {
     let (mut send, mut recv) = session.conn.open_bi().await.unwrap();
     let open = shared::wire::StreamMsg::Open {
         flow_id: 1,
+        exit: "default".into(),
         target: shared::target::TargetAddr::Ip("127.0.0.1:9".parse().unwrap()),
     };
     write_frame(&mut send, &open).await.unwrap();

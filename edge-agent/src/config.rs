@@ -27,6 +27,15 @@ pub struct AgentConfig {
     /// Runtime threads: 1 suits devices (one core outruns any mobile
     /// uplink); 0 means one per CPU core.
     pub worker_threads: usize,
+    /// Where exits read their public address (plain-text IP echo). Default:
+    /// the URL the control plane announces (its own `/ip`).
+    pub ip_echo_url: Option<String>,
+    /// How often each exit's radio and battery readings are refreshed.
+    pub telemetry_secs: u64,
+    /// The uplinks: `[[exit]]` sections. None: one exit, `default`, over
+    /// the host's routing, which cannot rotate.
+    #[serde(rename = "exit")]
+    pub exits: Vec<crate::exits::ExitConfig>,
 }
 
 impl Default for AgentConfig {
@@ -40,6 +49,9 @@ impl Default for AgentConfig {
             idle_timeout_secs: 30,
             max_backoff_secs: 30,
             worker_threads: 1,
+            ip_echo_url: None,
+            telemetry_secs: 30,
+            exits: Vec::new(),
         }
     }
 }
@@ -81,6 +93,19 @@ impl AgentConfig {
                 "worker_threads must be at most 256".into(),
             ));
         }
+        if self.telemetry_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "telemetry_secs must be at least 1".into(),
+            ));
+        }
+        if let Some(u) = &self.ip_echo_url
+            && !u.starts_with("http://")
+        {
+            return Err(ConfigError::Invalid(
+                "ip_echo_url must be an http:// URL".into(),
+            ));
+        }
+        crate::exits::Exits::from_config(&self.exits).map_err(ConfigError::Invalid)?;
         if self.max_backoff_secs == 0 {
             return Err(ConfigError::Invalid(
                 "max_backoff_secs must be at least 1".into(),
@@ -114,6 +139,19 @@ mod tests {
             ..AgentConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn multi_modem_example_is_valid() {
+        let c = AgentConfig::from_toml(include_str!(
+            "../../deploy/edge-agent.multi-modem.example.toml"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let exits = crate::exits::Exits::from_config(&c.exits).unwrap();
+        let methods: Vec<&str> = exits.all().iter().map(|e| e.method).collect();
+        assert_eq!(methods, ["at", "hilink", "android", "netlink", "command"]);
+        assert!(exits.all().iter().all(|e| !e.ladder.is_empty()));
     }
 
     #[test]

@@ -16,6 +16,8 @@ use shared::wire::{RefuseReason, StreamMsg};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, debug_span};
 
+use crate::exits::{Exit, Exits};
+
 /// Time the control plane has to send `Open` after opening a stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,14 +35,19 @@ pub async fn serve_flow(
     mut send: SendStream,
     mut recv: RecvStream,
     policy: &TargetPolicy,
+    exits: &Exits,
     connect_timeout: Duration,
     counters: &FlowCounters,
 ) {
     let mut buf = BytesMut::new();
     let open =
         tokio::time::timeout(OPEN_TIMEOUT, read_frame::<StreamMsg>(&mut recv, &mut buf)).await;
-    let (flow_id, target) = match open {
-        Ok(Ok(Some(StreamMsg::Open { flow_id, target }))) => (flow_id, target),
+    let (flow_id, exit_name, target) = match open {
+        Ok(Ok(Some(StreamMsg::Open {
+            flow_id,
+            exit,
+            target,
+        }))) => (flow_id, exit, target),
         _ => {
             let _ = send.reset(shared::wire::close_code::PROTOCOL_ERROR.into());
             return;
@@ -48,9 +55,16 @@ pub async fn serve_flow(
     };
     counters.active.fetch_add(1, Ordering::Relaxed);
     counters.total.fetch_add(1, Ordering::Relaxed);
-    let span = debug_span!("flow", id = flow_id, %target);
+    let span = debug_span!("flow", id = flow_id, exit = %exit_name, %target);
     async {
-        match dial(&target, policy, connect_timeout).await {
+        let dialed = match exits.get(&exit_name) {
+            Some(exit) => dial(&target, policy, connect_timeout, exit).await,
+            None => Err((
+                RefuseReason::ExitUnavailable,
+                format!("this agent has no exit {exit_name:?}"),
+            )),
+        };
+        match dialed {
             Ok(tcp) => {
                 if write_frame(&mut send, &StreamMsg::Opened).await.is_err() {
                     return;
@@ -95,6 +109,7 @@ pub async fn dial(
     target: &TargetAddr,
     policy: &TargetPolicy,
     timeout: Duration,
+    exit: &Exit,
 ) -> Result<TcpStream, Refusal> {
     policy
         .check_port(target.port())
@@ -105,10 +120,8 @@ pub async fn dial(
     let candidates: Vec<SocketAddr> = match target {
         TargetAddr::Ip(sa) => vec![*sa],
         TargetAddr::Domain(name, port) => {
-            match tokio::time::timeout_at(deadline, tokio::net::lookup_host((name.as_str(), *port)))
-                .await
-            {
-                Ok(Ok(addrs)) => addrs.collect(),
+            match tokio::time::timeout_at(deadline, exit.resolve(name, *port)).await {
+                Ok(Ok(addrs)) => addrs,
                 Ok(Err(e)) => return Err((RefuseReason::DnsFailed, format!("{name}: {e}"))),
                 Err(_) => {
                     return Err((RefuseReason::Timeout, format!("resolving {name} timed out")));
@@ -133,11 +146,14 @@ pub async fn dial(
     }
     let mut last = (RefuseReason::Other, String::from("no address to try"));
     for addr in allowed {
-        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                shared::quic::relay::enable_keepalive(&tcp);
-                return Ok(tcp);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout_at(deadline, exit.connect(addr, left)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err((
+                    RefuseReason::Timeout,
+                    format!("connecting to {target} timed out"),
+                ));
             }
             Ok(Err(e)) => last = (classify(&e), format!("{addr}: {e}")),
             Err(_) => {
@@ -165,20 +181,32 @@ fn classify(e: &io::Error) -> RefuseReason {
 mod tests {
     use super::*;
 
+    fn default_exit() -> std::sync::Arc<Exit> {
+        Exits::from_config(&[]).unwrap().all()[0].clone()
+    }
+
     #[tokio::test]
     async fn denies_loopback_after_resolution() {
         let p = TargetPolicy::default();
         let t = TargetAddr::Domain("localhost".into(), 80);
-        let e = dial(&t, &p, Duration::from_secs(2)).await.unwrap_err();
+        let e = dial(&t, &p, Duration::from_secs(2), &default_exit())
+            .await
+            .unwrap_err();
         assert_eq!(e.0, RefuseReason::Denied);
         let t = TargetAddr::Ip("[::ffff:127.0.0.1]:80".parse().unwrap());
         assert_eq!(
-            dial(&t, &p, Duration::from_secs(2)).await.unwrap_err().0,
+            dial(&t, &p, Duration::from_secs(2), &default_exit())
+                .await
+                .unwrap_err()
+                .0,
             RefuseReason::Denied
         );
         let t = TargetAddr::Ip("1.1.1.1:25".parse().unwrap());
         assert_eq!(
-            dial(&t, &p, Duration::from_secs(2)).await.unwrap_err().0,
+            dial(&t, &p, Duration::from_secs(2), &default_exit())
+                .await
+                .unwrap_err()
+                .0,
             RefuseReason::Denied
         );
     }
@@ -193,11 +221,18 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let t = TargetAddr::Domain("localhost".into(), port);
-        assert!(dial(&t, &p, Duration::from_secs(2)).await.is_ok());
+        assert!(
+            dial(&t, &p, Duration::from_secs(2), &default_exit())
+                .await
+                .is_ok()
+        );
         drop(l);
         let t = TargetAddr::Ip(SocketAddr::from(([127, 0, 0, 1], port)));
         assert_eq!(
-            dial(&t, &p, Duration::from_secs(2)).await.unwrap_err().0,
+            dial(&t, &p, Duration::from_secs(2), &default_exit())
+                .await
+                .unwrap_err()
+                .0,
             RefuseReason::ConnectionRefused
         );
     }

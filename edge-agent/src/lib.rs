@@ -18,8 +18,11 @@
 
 pub mod config;
 pub mod enroll;
+pub mod exits;
 pub mod forward;
 pub mod identity;
+pub mod net;
+pub mod rotate;
 pub mod tls;
 pub mod tunnel;
 

@@ -13,13 +13,15 @@ use rand::Rng;
 use shared::quic::framed::{read_frame, write_frame};
 use shared::quic::transport::agent_transport;
 use shared::wire::{
-    CommandKind, CommandResult, ControlMsg, DeviceFacts, DeviceKind, Heartbeat, Hello,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RejectCode, SERVER_NAME, close_code,
+    Command, CommandKind, CommandResult, ControlMsg, DeviceFacts, DeviceKind, Event, Heartbeat,
+    Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RejectCode, SERVER_NAME, close_code,
 };
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
+use crate::exits::Exits;
 use crate::forward::{FlowCounters, serve_flow};
 use crate::identity::Identity;
 
@@ -56,9 +58,12 @@ pub async fn run_with_stats(
     let mut client =
         crate::tls::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
     client.transport_config(agent_transport(&cfg.liveness()));
+    let exits = Arc::new(crate::exits::Exits::from_config(&cfg.exits).map_err(anyhow::Error::msg)?);
     let span = info_span!("agent", device = %identity.meta.device_id);
     async move {
-        info!(control_plane = %addr_text, "agent starting");
+        info!(control_plane = %addr_text, exits = exits.all().len(), "agent starting");
+        let events = spawn_link_watch(&exits, &shutdown);
+        spawn_telemetry(&exits, Duration::from_secs(cfg.telemetry_secs), &shutdown);
         let mut endpoint: Option<(SocketAddr, Endpoint)> = None;
         let mut attempt: u32 = 0;
         loop {
@@ -79,7 +84,14 @@ pub async fn run_with_stats(
                         ep
                     }
                 };
-                session(&ep, addr, client.clone(), &cfg, &stats, &shutdown).await
+                let ctx = SessionCtx {
+                    cfg: &cfg,
+                    stats: &stats,
+                    exits: &exits,
+                    events: &events,
+                    shutdown: &shutdown,
+                };
+                session(&ep, addr, client.clone(), ctx).await
             };
             // Stop promptly even while resolving or mid-handshake; a live
             // session handles shutdown itself (closing the connection).
@@ -130,14 +142,142 @@ enum SessionEnd {
     Closed(String),
 }
 
+/// What a session needs from the agent around it.
+struct SessionCtx<'a> {
+    cfg: &'a AgentConfig,
+    stats: &'a Arc<AgentStats>,
+    exits: &'a Arc<Exits>,
+    events: &'a broadcast::Sender<Event>,
+    shutdown: &'a CancellationToken,
+}
+
+/// Forward link and address changes of the exits' interfaces to every
+/// session (as `Event`s). No-op without interfaces.
+fn spawn_link_watch(exits: &Exits, shutdown: &CancellationToken) -> broadcast::Sender<Event> {
+    let (tx, _) = broadcast::channel(64);
+    let ifaces = exits.interfaces();
+    if ifaces.is_empty() {
+        return tx;
+    }
+    let mut rx = match crate::net::watch::watch_links(ifaces) {
+        Ok(rx) => rx,
+        Err(e) => {
+            warn!("cannot watch the uplink interfaces: {e}");
+            return tx;
+        }
+    };
+    let out = tx.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let ev = tokio::select! {
+                _ = stop.cancelled() => break,
+                ev = rx.recv() => match ev { Some(ev) => ev, None => break },
+            };
+            use crate::net::watch::LinkEvent;
+            let msg = match ev {
+                LinkEvent::LinkUp { ifname } => Event::LinkUp { interface: ifname },
+                LinkEvent::LinkDown { ifname } => Event::LinkDown { interface: ifname },
+                LinkEvent::AddrAdded { ifname, addr } => Event::AddressChanged {
+                    interface: ifname,
+                    address: addr.to_string(),
+                    added: true,
+                },
+                LinkEvent::AddrRemoved { ifname, addr } => Event::AddressChanged {
+                    interface: ifname,
+                    address: addr.to_string(),
+                    added: false,
+                },
+            };
+            info!(?msg, "uplink change");
+            let _ = out.send(msg);
+        }
+    });
+    tx
+}
+
+/// Refresh every exit's telemetry in the background.
+fn spawn_telemetry(exits: &Arc<Exits>, every: Duration, shutdown: &CancellationToken) {
+    let exits = exits.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            for e in exits.all() {
+                if e.method != "none" {
+                    e.refresh_telemetry().await;
+                }
+            }
+        }
+    });
+}
+
+/// Run a command from the control plane; rotations take seconds, so this
+/// runs beside the session loop.
+async fn run_command(cmd: Command, exits: &Exits, echo_url: &str) -> CommandResult {
+    let unknown = |exit: &str| {
+        (
+            false,
+            format!(
+                "this agent has no exit {exit:?} (exits: {})",
+                exits
+                    .all()
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None,
+        )
+    };
+    let (ok, message, detail) = match cmd.kind {
+        CommandKind::Ping => (true, "pong".to_string(), None),
+        CommandKind::CheckIp { exit } => match exits.get(&exit) {
+            Some(e) => e.check_ip(echo_url).await,
+            None => unknown(&exit),
+        },
+        CommandKind::Rotate {
+            exit,
+            rung,
+            limit_ms,
+        } => match exits.get(&exit) {
+            Some(e) => {
+                let limit = Duration::from_millis(u64::from(limit_ms).clamp(1000, 900_000));
+                e.rotate(rung, limit, echo_url).await
+            }
+            None => unknown(&exit),
+        },
+        other => (
+            false,
+            format!("command {other:?} is not supported by this agent version"),
+            None,
+        ),
+    };
+    CommandResult {
+        id: cmd.id,
+        ok,
+        message,
+        detail,
+    }
+}
+
 async fn session(
     endpoint: &Endpoint,
     addr: SocketAddr,
     client: quinn::ClientConfig,
-    cfg: &AgentConfig,
-    stats: &Arc<AgentStats>,
-    shutdown: &CancellationToken,
+    ctx: SessionCtx<'_>,
 ) -> anyhow::Result<SessionEnd> {
+    let SessionCtx {
+        cfg,
+        stats,
+        exits,
+        events,
+        shutdown,
+    } = ctx;
     let handshake = async {
         let conn = endpoint
             .connect_with(client, addr, SERVER_NAME)?
@@ -149,6 +289,7 @@ async fn session(
             max_version: PROTOCOL_VERSION,
             agent_version: crate::AGENT_VERSION.to_string(),
             facts: device_facts(),
+            exits: exits.infos(),
         });
         write_frame(&mut send, &hello).await?;
         let mut buf = BytesMut::new();
@@ -193,6 +334,13 @@ async fn session(
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb_every, hb_every);
     let started = Instant::now();
     let mut seq = 0u64;
+    let echo_url: Arc<str> = cfg
+        .ip_echo_url
+        .clone()
+        .unwrap_or_else(|| welcome.ip_echo_url.clone())
+        .into();
+    let (result_tx, mut results) = tokio::sync::mpsc::channel::<CommandResult>(16);
+    let mut events = events.subscribe();
 
     let end = loop {
         tokio::select! {
@@ -204,26 +352,40 @@ async fn session(
                 Ok((s, r)) => {
                     let policy = policy.clone();
                     let stats = stats.clone();
+                    let exits = exits.clone();
                     tokio::spawn(async move {
-                        serve_flow(s, r, &policy, connect_timeout, &stats.flows).await;
+                        serve_flow(s, r, &policy, &exits, connect_timeout, &stats.flows).await;
                     });
                 }
                 Err(e) => break SessionEnd::Closed(describe(&e)),
             },
             msg = read_frame::<ControlMsg>(&mut recv, &mut buf) => match msg {
                 Ok(Some(ControlMsg::Command(cmd))) => {
-                    let (ok, message) = match cmd.kind {
-                        CommandKind::Ping => (true, "pong".to_string()),
-                        other => (false, format!("command {other:?} is not supported by this agent version")),
-                    };
-                    let result = ControlMsg::CommandResult(CommandResult { id: cmd.id, ok, message });
-                    write_frame(&mut send, &result).await?;
+                    let exits = exits.clone();
+                    let tx = result_tx.clone();
+                    let echo_url = echo_url.clone();
+                    tokio::spawn(async move {
+                        let r = run_command(cmd, &exits, &echo_url).await;
+                        let _ = tx.send(r).await;
+                    });
                 }
                 Ok(Some(ControlMsg::Probe)) => {}
                 Ok(Some(other)) => debug!(?other, "ignoring control message"),
                 Ok(None) => break SessionEnd::Closed("control stream ended".into()),
                 Err(e) => break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string())),
             },
+            Some(r) = results.recv() => {
+                if let Err(e) = write_frame(&mut send, &ControlMsg::CommandResult(r)).await {
+                    break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string()));
+                }
+            }
+            ev = events.recv() => {
+                if let Ok(ev) = ev
+                    && let Err(e) = write_frame(&mut send, &ControlMsg::Event(ev)).await
+                {
+                    break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string()));
+                }
+            }
             _ = heartbeat.tick() => {
                 seq += 1;
                 let hb = ControlMsg::Heartbeat(Heartbeat {
@@ -233,7 +395,7 @@ async fn session(
                     uptime_s: started.elapsed().as_secs(),
                     bytes_up: stats.flows.bytes_up.load(Ordering::Relaxed),
                     bytes_down: stats.flows.bytes_down.load(Ordering::Relaxed),
-                    external_ip: None,
+                    exits: exits.statuses(),
                 });
                 if let Err(e) = write_frame(&mut send, &hb).await {
                     break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string()));

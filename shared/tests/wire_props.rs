@@ -111,7 +111,14 @@ fn device_facts() -> impl Strategy<Value = DeviceFacts> {
 fn command_kind() -> impl Strategy<Value = CommandKind> {
     prop_oneof![
         Just(CommandKind::Ping),
-        proptest::option::of(text()).prop_map(|method| CommandKind::Rotate { method }),
+        (text(), any::<u8>(), any::<u32>()).prop_map(|(exit, rung, limit_ms)| {
+            CommandKind::Rotate {
+                exit,
+                rung,
+                limit_ms,
+            }
+        }),
+        text().prop_map(|exit| CommandKind::CheckIp { exit }),
         Just(CommandKind::RestartAgent),
         Just(CommandKind::Reboot),
         Just(CommandKind::SpeedTest),
@@ -124,9 +131,113 @@ fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         text().prop_map(|interface| Event::LinkUp { interface }),
         text().prop_map(|interface| Event::LinkDown { interface }),
-        (text(), text())
-            .prop_map(|(interface, address)| Event::AddressChanged { interface, address }),
+        (text(), text(), any::<bool>()).prop_map(|(interface, address, added)| {
+            Event::AddressChanged {
+                interface,
+                address,
+                added,
+            }
+        }),
         (any::<u8>(), text()).prop_map(|(level, message)| Event::Log { level, message }),
+    ]
+}
+
+fn exit_info() -> impl Strategy<Value = ExitInfo> {
+    (
+        text(),
+        proptest::option::of(text()),
+        text(),
+        proptest::collection::vec(text(), 0..=4),
+    )
+        .prop_map(|(name, interface, method, ladder)| ExitInfo {
+            name,
+            interface,
+            method,
+            ladder,
+        })
+}
+
+fn registration() -> impl Strategy<Value = Registration> {
+    prop_oneof![
+        Just(Registration::NotRegistered),
+        Just(Registration::Home),
+        Just(Registration::Searching),
+        Just(Registration::Denied),
+        Just(Registration::Unknown),
+        Just(Registration::Roaming),
+    ]
+}
+
+fn telemetry() -> impl Strategy<Value = Telemetry> {
+    use proptest::option::of;
+    (
+        (
+            of(any::<i16>()),
+            of(any::<i16>()),
+            of(-40.0f32..40.0),
+            of(-40.0f32..60.0),
+            of(0u8..=5),
+            of(text()),
+            of(text()),
+        ),
+        (
+            of(text()),
+            of(registration()),
+            of(text()),
+            of(any::<u8>()),
+            of(any::<bool>()),
+            of(any::<i16>()),
+        ),
+    )
+        .prop_map(
+            |(
+                (rssi_dbm, rsrp_dbm, rsrq_db, sinr_db, signal_bars, access_tech, band),
+                (operator, registration, cell_id, battery_pct, charging, temperature_dc),
+            )| Telemetry {
+                rssi_dbm,
+                rsrp_dbm,
+                rsrq_db,
+                sinr_db,
+                signal_bars,
+                access_tech,
+                band,
+                operator,
+                registration,
+                cell_id,
+                battery_pct,
+                charging,
+                temperature_dc,
+            },
+        )
+}
+
+fn exit_status() -> impl Strategy<Value = ExitStatus> {
+    (text(), any::<bool>(), telemetry()).prop_map(|(name, link_up, telemetry)| ExitStatus {
+        name,
+        link_up,
+        telemetry,
+    })
+}
+
+fn command_detail() -> impl Strategy<Value = CommandDetail> {
+    prop_oneof![
+        (
+            text(),
+            text(),
+            any::<u32>(),
+            any::<u32>(),
+            proptest::option::of(text())
+        )
+            .prop_map(|(exit, rung, backend_ms, verify_ms, ip)| {
+                CommandDetail::Rotated {
+                    exit,
+                    rung,
+                    backend_ms,
+                    verify_ms,
+                    ip,
+                }
+            }),
+        (text(), text()).prop_map(|(exit, ip)| CommandDetail::Ip { exit, ip }),
     ]
 }
 
@@ -141,14 +252,22 @@ fn reject_code() -> impl Strategy<Value = RejectCode> {
 
 fn control_msg() -> impl Strategy<Value = ControlMsg> {
     prop_oneof![
-        (any::<u16>(), any::<u16>(), text(), device_facts()).prop_map(
-            |(min_version, max_version, agent_version, facts)| ControlMsg::Hello(Hello {
-                min_version,
-                max_version,
-                agent_version,
-                facts,
-            })
-        ),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            text(),
+            device_facts(),
+            proptest::collection::vec(exit_info(), 0..=4)
+        )
+            .prop_map(|(min_version, max_version, agent_version, facts, exits)| {
+                ControlMsg::Hello(Hello {
+                    min_version,
+                    max_version,
+                    agent_version,
+                    facts,
+                    exits,
+                })
+            }),
         (
             any::<u16>(),
             text(),
@@ -156,6 +275,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             any::<u32>(),
             proptest::collection::vec(any::<u16>(), 0..=MAX_LIST_ITEMS),
             proptest::collection::vec(any::<std::net::IpAddr>(), 0..=4),
+            text(),
         )
             .prop_map(
                 |(
@@ -165,6 +285,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
                     heartbeat_interval_ms,
                     protected_ports,
                     protected_ips,
+                    ip_echo_url,
                 )| {
                     ControlMsg::Welcome(Welcome {
                         version,
@@ -173,6 +294,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
                         heartbeat_interval_ms,
                         protected_ports,
                         protected_ips,
+                        ip_echo_url,
                     })
                 }
             ),
@@ -185,10 +307,10 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             any::<u64>(),
             any::<u64>(),
             any::<u64>(),
-            proptest::option::of(text()),
+            proptest::collection::vec(exit_status(), 0..=3),
         )
             .prop_map(
-                |(seq, active_flows, load_centi, uptime_s, bytes_up, bytes_down, external_ip)| {
+                |(seq, active_flows, load_centi, uptime_s, bytes_up, bytes_down, exits)| {
                     ControlMsg::Heartbeat(Heartbeat {
                         seq,
                         active_flows,
@@ -196,15 +318,26 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
                         uptime_s,
                         bytes_up,
                         bytes_down,
-                        external_ip,
+                        exits,
                     })
                 }
             ),
         (any::<u64>(), command_kind())
             .prop_map(|(id, kind)| ControlMsg::Command(Command { id, kind })),
-        (any::<u64>(), any::<bool>(), text()).prop_map(|(id, ok, message)| {
-            ControlMsg::CommandResult(CommandResult { id, ok, message })
-        }),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            text(),
+            proptest::option::of(command_detail())
+        )
+            .prop_map(|(id, ok, message, detail)| {
+                ControlMsg::CommandResult(CommandResult {
+                    id,
+                    ok,
+                    message,
+                    detail,
+                })
+            }),
         event().prop_map(ControlMsg::Event),
     ]
 }
@@ -233,7 +366,11 @@ fn refuse_reason() -> impl Strategy<Value = RefuseReason> {
 
 fn stream_msg() -> impl Strategy<Value = StreamMsg> {
     prop_oneof![
-        (any::<u64>(), target()).prop_map(|(flow_id, target)| StreamMsg::Open { flow_id, target }),
+        (any::<u64>(), text(), target()).prop_map(|(flow_id, exit, target)| StreamMsg::Open {
+            flow_id,
+            exit,
+            target
+        }),
         Just(StreamMsg::Opened),
         (refuse_reason(), text())
             .prop_map(|(reason, message)| StreamMsg::Refused { reason, message }),
@@ -456,6 +593,7 @@ fn oversized_lists_are_refused() {
         max_version: 1,
         agent_version: "x".into(),
         facts,
+        exits: vec![],
     });
     let mut buf = BytesMut::from(&frame_to_vec(&hello).unwrap()[..]);
     assert!(matches!(
@@ -485,6 +623,7 @@ fn huge_port_list_is_refused_cheaply() {
             heartbeat_interval_ms: 1000,
             protected_ports: vec![8080; n],
             protected_ips: vec![],
+            ip_echo_url: String::new(),
         })
     };
     let mut ok = BytesMut::from(&frame_to_vec(&welcome(MAX_LIST_ITEMS)).unwrap()[..]);

@@ -30,8 +30,10 @@ pub mod harness {
     pub mod wait;
 }
 
+pub mod testbed;
+
 pub use harness::api::{Api, ApiResponse, raw_exchange};
-pub use harness::cluster::{Addrs, Agent, Cluster, ClusterOpts};
+pub use harness::cluster::{Addrs, Agent, AgentLaunch, Cluster, ClusterOpts};
 pub use harness::curl::{Curl, CurlResult, CurlRun, curl};
 pub use harness::process::{Proc, control_plane_bin, edge_agent_bin, raise_fd_limit, run_bounded};
 pub use harness::socks::{SocksOutcome, SocksTarget, socks5_attempt};

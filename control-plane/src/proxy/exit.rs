@@ -1,6 +1,5 @@
 //! From a customer's target to an open data stream on a device exit.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,7 +11,7 @@ use shared::wire::StreamMsg;
 use tracing::debug;
 
 use super::error::ProxyError;
-use crate::registry::{DeviceSession, FlowGuard};
+use crate::registry::{FlowGuard, Route};
 use crate::state::State;
 
 /// Other exits tried after the first one fails before any byte moved.
@@ -33,13 +32,17 @@ impl Flow {
         &self.guard.session.device_id
     }
 
-    /// Count relayed bytes on the device.
+    pub fn exit_name(&self) -> &str {
+        &self.guard.exit.name
+    }
+
+    /// Count relayed bytes on the device and the exit.
     pub fn account(&self, up: u64, down: u64) {
-        self.guard.session.bytes_up.fetch_add(up, Ordering::Relaxed);
-        self.guard
-            .session
-            .bytes_down
-            .fetch_add(down, Ordering::Relaxed);
+        let g = &self.guard;
+        g.session.bytes_up.fetch_add(up, Ordering::Relaxed);
+        g.session.bytes_down.fetch_add(down, Ordering::Relaxed);
+        g.exit.bytes_up.fetch_add(up, Ordering::Relaxed);
+        g.exit.bytes_down.fetch_add(down, Ordering::Relaxed);
     }
 }
 
@@ -55,23 +58,27 @@ pub async fn connect(state: &State, target: &TargetAddr) -> Result<Flow, ProxyEr
             .check(sa.ip(), sa.port())
             .map_err(|r| ProxyError::Denied(r.as_str().into()))?;
     }
-    let mut tried: Vec<String> = Vec::new();
+    let mut tried: Vec<(String, String)> = Vec::new();
     let mut last = ProxyError::NoExit;
     for _ in 0..=MAX_RETRIES {
-        let Some(exit) = state.registry.pick(&tried) else {
+        let Some(route) = state.registry.pick(&tried) else {
             break;
         };
+        let exit = route.exit.clone();
         let flow_id = state.flow_ids.fetch_add(1, Ordering::Relaxed) + 1;
-        match open_on(exit.clone(), flow_id, target, state.cfg.connect_timeout()).await {
-            Ok(flow) => return Ok(flow),
+        match open_on(route, flow_id, target, state.cfg.connect_timeout()).await {
+            Ok(flow) => {
+                crate::rotation::note_request(state, &exit);
+                return Ok(flow);
+            }
             Err(e) => {
-                debug!(device = %exit.device_id, flow = flow_id, "exit failed: {e}");
+                debug!(device = %exit.device_id, exit = %exit.name, flow = flow_id, "exit failed: {e}");
                 let retry = match &e {
                     ProxyError::Upstream { reason, .. } => reason.retryable(),
                     ProxyError::Exit(_) | ProxyError::Timeout => true,
                     ProxyError::Denied(_) | ProxyError::NoExit => false,
                 };
-                tried.push(exit.device_id.clone());
+                tried.push((exit.device_id.clone(), exit.name.clone()));
                 last = e;
                 if !retry {
                     break;
@@ -83,12 +90,13 @@ pub async fn connect(state: &State, target: &TargetAddr) -> Result<Flow, ProxyEr
 }
 
 async fn open_on(
-    exit: Arc<DeviceSession>,
+    route: Route,
     flow_id: u64,
     target: &TargetAddr,
     connect_timeout: Duration,
 ) -> Result<Flow, ProxyError> {
-    let guard = FlowGuard::new(exit);
+    let started = std::time::Instant::now();
+    let guard = FlowGuard::new(route.session, route.exit);
     // The agent's own connect timeout plus room for the tunnel round trip.
     let deadline = connect_timeout + Duration::from_secs(2);
     let opened = tokio::time::timeout(deadline, async {
@@ -102,6 +110,7 @@ async fn open_on(
             &mut send,
             &StreamMsg::Open {
                 flow_id,
+                exit: guard.exit.name.clone(),
                 target: target.clone(),
             },
         )
@@ -119,15 +128,30 @@ async fn open_on(
         }
     })
     .await;
+    let exit = &guard.exit;
     match opened {
-        Ok(Ok((send, recv, pending))) => Ok(Flow {
-            send,
-            recv,
-            pending,
-            guard,
-            flow_id,
-        }),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(ProxyError::Timeout),
+        Ok(Ok((send, recv, pending))) => {
+            exit.successes.fetch_add(1, Ordering::Relaxed);
+            exit.open_ms_total
+                .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            Ok(Flow {
+                send,
+                recv,
+                pending,
+                guard,
+                flow_id,
+            })
+        }
+        Ok(Err(e)) => {
+            // A target's refusal is not the exit's fault.
+            if !matches!(e, ProxyError::Upstream { .. }) {
+                exit.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
+        }
+        Err(_) => {
+            exit.failures.fetch_add(1, Ordering::Relaxed);
+            Err(ProxyError::Timeout)
+        }
     }
 }

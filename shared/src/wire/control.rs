@@ -59,6 +59,101 @@ pub struct Hello {
     pub max_version: u16,
     pub agent_version: String,
     pub facts: DeviceFacts,
+    /// The exits this agent serves (one per modem or uplink). Empty means
+    /// one implicit exit, [`DEFAULT_EXIT`], using the host's routing.
+    #[serde(deserialize_with = "bounded_vec")]
+    pub exits: Vec<ExitInfo>,
+}
+
+/// Name of the exit of an agent that configures none.
+pub const DEFAULT_EXIT: &str = "default";
+
+/// Longest exit name; names are `[a-z0-9_-]`, 1..=32 bytes.
+pub const MAX_EXIT_NAME: usize = 32;
+
+/// Whether `name` is acceptable as an exit name.
+pub fn valid_exit_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_EXIT_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// One exit of an agent: an uplink customers' connections leave through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub name: String,
+    /// The uplink interface egress sockets are bound to (`None`: the host's
+    /// routing decides).
+    pub interface: Option<String>,
+    /// Rotation backend: `at`, `android`, `hilink`, `netlink`, `command`,
+    /// or `none`.
+    pub method: String,
+    /// The backend's escalation ladder, softest step first
+    /// (e.g. `pdp`, `radio`, `reset`). Empty when the exit cannot rotate.
+    #[serde(deserialize_with = "bounded_vec")]
+    pub ladder: Vec<String>,
+}
+
+/// Radio and device readings, each present only when the hardware reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Telemetry {
+    /// Received signal strength, dBm.
+    pub rssi_dbm: Option<i16>,
+    /// LTE/NR reference signal received power, dBm.
+    pub rsrp_dbm: Option<i16>,
+    /// Reference signal received quality, dB.
+    pub rsrq_db: Option<f32>,
+    /// Signal to interference-plus-noise ratio, dB.
+    pub sinr_db: Option<f32>,
+    /// Signal bars 0..=5 where that is all the device tells (HiLink).
+    pub signal_bars: Option<u8>,
+    /// Access technology: `GSM`, `WCDMA`, `LTE`, `NR5G`, …
+    pub access_tech: Option<String>,
+    /// Band as the modem names it, e.g. `LTE BAND 3`.
+    pub band: Option<String>,
+    pub operator: Option<String>,
+    pub registration: Option<Registration>,
+    pub cell_id: Option<String>,
+    pub battery_pct: Option<u8>,
+    pub charging: Option<bool>,
+    /// Tenths of a degree Celsius.
+    pub temperature_dc: Option<i16>,
+}
+
+/// Network registration state (3GPP `+CREG`/`+CEREG` `<stat>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Registration {
+    NotRegistered,
+    Home,
+    Searching,
+    Denied,
+    Unknown,
+    Roaming,
+}
+
+impl Registration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Registration::NotRegistered => "not_registered",
+            Registration::Home => "home",
+            Registration::Searching => "searching",
+            Registration::Denied => "denied",
+            Registration::Unknown => "unknown",
+            Registration::Roaming => "roaming",
+        }
+    }
+}
+
+/// One exit's state in a heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub name: String,
+    /// The uplink interface is up and has an address (always true for an
+    /// exit without an interface).
+    pub link_up: bool,
+    pub telemetry: Telemetry,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +176,9 @@ pub struct Welcome {
     /// plane through a device.
     #[serde(deserialize_with = "bounded_vec")]
     pub protected_ips: Vec<std::net::IpAddr>,
+    /// Where the agent reads an exit's public address (plain-text IP-echo
+    /// endpoint); the agent's own configuration may override it.
+    pub ip_echo_url: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +195,7 @@ pub struct Reject {
     pub message: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub seq: u64,
     pub active_flows: u32,
@@ -106,7 +204,8 @@ pub struct Heartbeat {
     pub uptime_s: u64,
     pub bytes_up: u64,
     pub bytes_down: u64,
-    pub external_ip: Option<String>,
+    #[serde(deserialize_with = "bounded_vec")]
+    pub exits: Vec<ExitStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,12 +217,26 @@ pub struct Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandKind {
     Ping,
-    Rotate { method: Option<String> },
+    /// Run step `rung` of the exit's ladder, wait for the uplink, then read
+    /// the exit's public address. Answered with [`CommandDetail::Rotated`].
+    Rotate {
+        exit: String,
+        rung: u8,
+        limit_ms: u32,
+    },
+    /// Read the exit's public address. Answered with [`CommandDetail::Ip`].
+    CheckIp {
+        exit: String,
+    },
     RestartAgent,
     Reboot,
     SpeedTest,
-    UpdateConfig { toml: String },
-    SelfUpdate { version: String },
+    UpdateConfig {
+        toml: String,
+    },
+    SelfUpdate {
+        version: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,14 +244,46 @@ pub struct CommandResult {
     pub id: u64,
     pub ok: bool,
     pub message: String,
+    pub detail: Option<CommandDetail>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandDetail {
+    Rotated {
+        exit: String,
+        /// The ladder step that ran.
+        rung: String,
+        /// Time the backend's step took, milliseconds.
+        backend_ms: u32,
+        /// Time from the step's end until the public address was read.
+        verify_ms: u32,
+        /// The public address read after the step, if it could be read.
+        ip: Option<String>,
+    },
+    Ip {
+        exit: String,
+        ip: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    LinkUp { interface: String },
-    LinkDown { interface: String },
-    AddressChanged { interface: String, address: String },
-    Log { level: u8, message: String },
+    LinkUp {
+        interface: String,
+    },
+    LinkDown {
+        interface: String,
+    },
+    /// `added` false: the address went away.
+    AddressChanged {
+        interface: String,
+        address: String,
+        added: bool,
+    },
+    Log {
+        level: u8,
+        message: String,
+    },
 }
 
 /// Messages on an enrollment connection (no client certificate yet).

@@ -7,7 +7,13 @@ use crate::target::TargetAddr;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamMsg {
     /// CP → agent, first frame of every data stream.
-    Open { flow_id: u64, target: TargetAddr },
+    /// `exit` names which of the agent's exits (uplinks) the flow leaves
+    /// through.
+    Open {
+        flow_id: u64,
+        exit: String,
+        target: TargetAddr,
+    },
     /// Agent → CP: connected; raw bytes follow in both directions.
     Opened,
     /// Agent → CP: not connected; the stream ends.

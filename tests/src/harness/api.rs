@@ -212,7 +212,8 @@ impl Api {
         body: Option<&Value>,
     ) -> io::Result<ApiResponse> {
         let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // Rotations answer when they finish: up to minutes.
+        s.set_read_timeout(Some(Duration::from_secs(300)))?;
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let mut req = format!(

@@ -33,6 +33,19 @@ pub struct ClusterOpts {
     pub config_toml: Option<String>,
     /// The customer added at start (username, password).
     pub customer: (String, String),
+    /// Address every control-plane listener binds (port 0). Agents in
+    /// network namespaces need one they can reach, e.g. a testbed's
+    /// internet address.
+    pub bind_ip: std::net::IpAddr,
+}
+
+/// How to run an agent process: a command prefix (e.g. `ip netns exec NS`),
+/// a configuration file, extra environment.
+#[derive(Debug, Clone, Default)]
+pub struct AgentLaunch {
+    pub prefix: Vec<String>,
+    pub config_toml: Option<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl ClusterOpts {
@@ -52,6 +65,7 @@ impl Default for ClusterOpts {
             agents: 1,
             config_toml: None,
             customer: ("alice".into(), "alice-secret-1".into()),
+            bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }
@@ -120,12 +134,13 @@ impl Cluster {
             std::fs::write(&p, t).expect("write control-plane config");
             p
         });
+        let ip = opts.bind_ip;
         let mut c = Cluster {
             addrs: Addrs {
-                http: ([127, 0, 0, 1], 0).into(),
-                socks: ([127, 0, 0, 1], 0).into(),
-                api: ([127, 0, 0, 1], 0).into(),
-                quic: ([127, 0, 0, 1], 0).into(),
+                http: (ip, 0).into(),
+                socks: (ip, 0).into(),
+                api: (ip, 0).into(),
+                quic: (ip, 0).into(),
             },
             admin_token: String::new(),
             user: opts.customer.0.clone(),
@@ -421,15 +436,38 @@ impl Cluster {
 
     /// Start (or restart) agent `i` with its state directory.
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_with(i, &AgentLaunch::default());
+    }
+
+    /// Start (or restart) agent `i` the way `launch` says.
+    pub fn start_agent_with(&mut self, i: usize, launch: &AgentLaunch) {
         let allow = self.opts.allow_private;
+        let config = launch.config_toml.as_ref().map(|t| {
+            let p = self.dir.join(format!("{}.toml", self.agents[i].name));
+            std::fs::write(&p, t).expect("write agent config");
+            p
+        });
         let a = &mut self.agents[i];
         if let Some(p) = a.proc.as_mut() {
             p.kill();
         }
-        let mut cmd = command(edge_agent_bin());
+        let mut cmd = match launch.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = command(first);
+                c.args(rest).arg(edge_agent_bin());
+                c
+            }
+            None => command(edge_agent_bin()),
+        };
         cmd.arg("run").arg("--state-dir").arg(&a.state_dir);
+        if let Some(p) = &config {
+            cmd.arg("--config").arg(p);
+        }
         if allow {
             cmd.arg("--allow-private-targets");
+        }
+        for (k, v) in &launch.env {
+            cmd.env(k, v);
         }
         a.proc = Some(Proc::spawn(&a.name, cmd, &a.log));
     }

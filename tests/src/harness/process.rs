@@ -21,7 +21,9 @@ pub fn edge_agent_bin() -> PathBuf {
     locate("edge-agent", "CELLGATE_EDGE_AGENT_BIN")
 }
 
-fn locate(name: &str, env: &str) -> PathBuf {
+/// One of the workspace's binaries: `env` when set, else next to the test
+/// executable.
+pub fn locate(name: &str, env: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         assert!(

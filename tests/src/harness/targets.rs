@@ -141,11 +141,15 @@ pub struct ServerStats {
     pub requests: AtomicU64,
     /// Body bytes written by `/trickle` responses.
     pub trickled: AtomicU64,
+    /// Source address of every accepted connection, in order.
+    pub peers: Mutex<Vec<std::net::IpAddr>>,
 }
 
 /// An HTTP/1.1 origin on 127.0.0.1 with keep-alive:
 /// - `GET|HEAD /blob`: the [`Blob`] with `Content-Length`;
 /// - `GET /hello`: `hello from <label>\n`;
+/// - `GET /ip`: the connection's source address (what an exit's public
+///   address looks like to a target);
 /// - `GET /headers`: the request line and headers as received;
 /// - `GET /chunked`: the blob (or the hello text) with chunked framing;
 /// - `GET /trickle`: claims 1 GiB, sends 16 KiB every 10 ms until the
@@ -161,19 +165,30 @@ pub struct FileServer {
 
 impl FileServer {
     pub fn start(label: &str, blob: Option<Arc<Blob>>) -> Self {
-        Self::start_inner(label, blob, None)
+        Self::start_inner(label, blob, None, ([127, 0, 0, 1], 0).into())
+    }
+
+    /// Listen on `bind` (e.g. a testbed's internet address, port 0).
+    pub fn start_on(label: &str, blob: Option<Arc<Blob>>, bind: SocketAddr) -> Self {
+        Self::start_inner(label, blob, None, bind)
     }
 
     pub fn start_tls(label: &str, blob: Option<Arc<Blob>>, tls: &TlsMaterial) -> Self {
-        Self::start_inner(label, blob, Some(tls.server.clone()))
+        Self::start_inner(
+            label,
+            blob,
+            Some(tls.server.clone()),
+            ([127, 0, 0, 1], 0).into(),
+        )
     }
 
     fn start_inner(
         label: &str,
         blob: Option<Arc<Blob>>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        bind: SocketAddr,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind file server");
+        let listener = TcpListener::bind(bind).expect("bind file server");
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stats = Arc::new(ServerStats::default());
@@ -188,8 +203,11 @@ impl FileServer {
         std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((tcp, _)) => {
+                    Ok((tcp, peer)) => {
                         ctx.stats.connections.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut p) = ctx.stats.peers.lock() {
+                            p.push(peer.ip());
+                        }
                         let ctx = ctx.clone();
                         let tls = tls.clone();
                         std::thread::spawn(move || {
@@ -198,10 +216,10 @@ impl FileServer {
                             let _ = tcp.set_read_timeout(Some(Duration::from_secs(60)));
                             let _ = tcp.set_write_timeout(Some(Duration::from_secs(60)));
                             match tls {
-                                None => serve_conn(tcp, &ctx),
+                                None => serve_conn(tcp, &ctx, peer),
                                 Some(cfg) => {
                                     if let Ok(conn) = rustls::ServerConnection::new(cfg) {
-                                        serve_conn(rustls::StreamOwned::new(conn, tcp), &ctx);
+                                        serve_conn(rustls::StreamOwned::new(conn, tcp), &ctx, peer);
                                     }
                                 }
                             }
@@ -353,7 +371,7 @@ fn read_body<R: BufRead>(r: &mut R, req: &Request, mut sink: impl FnMut(&[u8])) 
     Ok(())
 }
 
-fn serve_conn<S: Read + Write>(stream: S, ctx: &Ctx) {
+fn serve_conn<S: Read + Write>(stream: S, ctx: &Ctx, peer: SocketAddr) {
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     while let Ok(Some(req)) = read_request(&mut r) {
         ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -402,6 +420,10 @@ fn serve_conn<S: Read + Write>(stream: S, ctx: &Ctx) {
                 for (k, v) in &req.headers {
                     body.push_str(&format!("{k}: {v}\n"));
                 }
+                respond(r.get_mut(), 200, &body, conn_hdr)
+            }
+            ("GET", "/ip") => {
+                let body = format!("{}\n", peer.ip());
                 respond(r.get_mut(), 200, &body, conn_hdr)
             }
             ("GET", "/hello") => {
