@@ -288,7 +288,19 @@ async fn session(
             min_version: MIN_PROTOCOL_VERSION,
             max_version: PROTOCOL_VERSION,
             agent_version: crate::AGENT_VERSION.to_string(),
-            facts: device_facts(),
+            facts: {
+                let mut f = device_facts();
+                // A plain Linux host that drives modems is a modem host.
+                if f.kind == DeviceKind::Linux
+                    && exits
+                        .all()
+                        .iter()
+                        .any(|e| matches!(e.method, "at" | "hilink"))
+                {
+                    f.kind = DeviceKind::UsbModem;
+                }
+                f
+            },
             exits: exits.infos(),
         });
         write_frame(&mut send, &hello).await?;

@@ -142,7 +142,7 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-fn exit_info() -> impl Strategy<Value = ExitInfo> {
+fn exit_info() -> BoxedStrategy<ExitInfo> {
     (
         text(),
         proptest::option::of(text()),
@@ -155,6 +155,7 @@ fn exit_info() -> impl Strategy<Value = ExitInfo> {
             method,
             ladder,
         })
+        .boxed()
 }
 
 fn registration() -> impl Strategy<Value = Registration> {
@@ -168,7 +169,7 @@ fn registration() -> impl Strategy<Value = Registration> {
     ]
 }
 
-fn telemetry() -> impl Strategy<Value = Telemetry> {
+fn telemetry() -> BoxedStrategy<Telemetry> {
     use proptest::option::of;
     (
         (
@@ -209,17 +210,20 @@ fn telemetry() -> impl Strategy<Value = Telemetry> {
                 temperature_dc,
             },
         )
+        .boxed()
 }
 
-fn exit_status() -> impl Strategy<Value = ExitStatus> {
-    (text(), any::<bool>(), telemetry()).prop_map(|(name, link_up, telemetry)| ExitStatus {
-        name,
-        link_up,
-        telemetry,
-    })
+fn exit_status() -> BoxedStrategy<ExitStatus> {
+    (text(), any::<bool>(), telemetry())
+        .prop_map(|(name, link_up, telemetry)| ExitStatus {
+            name,
+            link_up,
+            telemetry,
+        })
+        .boxed()
 }
 
-fn command_detail() -> impl Strategy<Value = CommandDetail> {
+fn command_detail() -> BoxedStrategy<CommandDetail> {
     prop_oneof![
         (
             text(),
@@ -239,6 +243,7 @@ fn command_detail() -> impl Strategy<Value = CommandDetail> {
             }),
         (text(), text()).prop_map(|(exit, ip)| CommandDetail::Ip { exit, ip }),
     ]
+    .boxed()
 }
 
 fn reject_code() -> impl Strategy<Value = RejectCode> {
@@ -250,7 +255,9 @@ fn reject_code() -> impl Strategy<Value = RejectCode> {
     ]
 }
 
-fn control_msg() -> impl Strategy<Value = ControlMsg> {
+// Message strategies are boxed: unboxed, their types nest so deep that
+// generating a value overflows a test thread's stack in debug builds.
+fn control_msg() -> BoxedStrategy<ControlMsg> {
     prop_oneof![
         (
             any::<u16>(),
@@ -340,6 +347,7 @@ fn control_msg() -> impl Strategy<Value = ControlMsg> {
             }),
         event().prop_map(ControlMsg::Event),
     ]
+    .boxed()
 }
 
 fn target() -> impl Strategy<Value = TargetAddr> {
@@ -364,7 +372,7 @@ fn refuse_reason() -> impl Strategy<Value = RefuseReason> {
     ]
 }
 
-fn stream_msg() -> impl Strategy<Value = StreamMsg> {
+fn stream_msg() -> BoxedStrategy<StreamMsg> {
     prop_oneof![
         (any::<u64>(), text(), target()).prop_map(|(flow_id, exit, target)| StreamMsg::Open {
             flow_id,
@@ -375,9 +383,10 @@ fn stream_msg() -> impl Strategy<Value = StreamMsg> {
         (refuse_reason(), text())
             .prop_map(|(reason, message)| StreamMsg::Refused { reason, message }),
     ]
+    .boxed()
 }
 
-fn enroll_msg() -> impl Strategy<Value = EnrollMsg> {
+fn enroll_msg() -> BoxedStrategy<EnrollMsg> {
     prop_oneof![
         (
             any::<u16>(),
@@ -405,6 +414,7 @@ fn enroll_msg() -> impl Strategy<Value = EnrollMsg> {
         ),
         text().prop_map(|message| EnrollMsg::Refused { message }),
     ]
+    .boxed()
 }
 
 fn frame_of(payload: &[u8]) -> Vec<u8> {

@@ -243,6 +243,18 @@ fn at_rotation_changes_the_address_a_target_sees() {
         "no modem telemetry: {}",
         f.exit(0)
     );
+    let t = &f.exit(0)["telemetry"];
+    assert!(
+        t["rssi_dbm"].is_number() && t["access_tech"].is_string(),
+        "{t}"
+    );
+    assert_eventually!(
+        Duration::from_secs(10),
+        f.device()["operator"] == "Vodafone.de",
+        "{}",
+        f.device()
+    );
+    assert_eq!(f.device()["kind"], "usb_modem");
 }
 
 #[test]
@@ -323,10 +335,42 @@ fn three_modems_each_flow_leaves_through_its_own_uplink() {
             "{seen:?} vs {publics:?}"
         );
     }
+    // Names resolve on the device, through the exit's own uplink: the
+    // nameserver sees each query from the public address of the exit that
+    // carried the flow.
+    let inet = f.bed.internet_ip();
+    let dns = tests::testbed::dns_server::DnsServer::start(
+        std::net::UdpSocket::bind((inet, 53)).expect("bind the test nameserver"),
+        [("origin.test".to_string(), vec![IpAddr::V4(inet)])].into(),
+    );
+    let mut by_name = Vec::new();
+    for _ in 0..3 {
+        let r = Curl::new()
+            .proxy(&f.c.http_proxy())
+            .arg(format!("http://origin.test:{}/ip", f.site.port()))
+            .run();
+        r.expect_ok("request by name");
+        by_name.push(r.stdout.trim().to_string());
+    }
+    let query_sources: Vec<String> = dns
+        .queries()
+        .iter()
+        .map(|(_, from)| from.ip().to_string())
+        .collect();
+    for ip in &by_name {
+        assert!(
+            query_sources.contains(ip),
+            "the exit {ip} resolved elsewhere: {query_sources:?}"
+        );
+    }
+    assert!(
+        query_sources.iter().all(|q| publics.contains(q)),
+        "{query_sources:?}"
+    );
     // The control plane's per-exit counters agree with what the target saw.
     assert_eventually!(
         Duration::from_secs(10),
-        (0..3).all(|i| f.exit(i)["counters"]["successes"] == 3),
+        (0..3).all(|i| f.exit(i)["counters"]["successes"] == 4),
         "{}",
         f.device()
     );

@@ -66,10 +66,15 @@ pub fn valid_label(l: &str) -> bool {
 /// merged with the totals the database holds.
 pub async fn exits_json(state: &State, device_id: &str, online: bool) -> ApiResult<Vec<Value>> {
     let rows = state.store.exits_of(device_id).await?;
+    let session = state.registry.get(device_id);
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
+        // An exit the connected agent no longer declares.
+        let retired = session
+            .as_ref()
+            .is_some_and(|s| s.exit(&row.name).is_none());
         let mut v = match state.registry.exit(device_id, &row.name) {
-            Some(e) => {
+            Some(e) if !retired => {
                 let view = e.view(online);
                 let mut v = serde_json::to_value(&view).unwrap_or(Value::Null);
                 // Totals: flushed rows plus what is not flushed yet.
@@ -85,12 +90,18 @@ pub async fn exits_json(state: &State, device_id: &str, online: bool) -> ApiResu
                 });
                 v
             }
-            None => json!({
+            _ => json!({
                 "name": row.name,
                 "interface": row.interface,
                 "method": row.method,
                 "ladder": row.ladder,
-                "status": if row.state == "failed" { "failed" } else { "offline" },
+                "status": if retired {
+                    "not_declared"
+                } else if row.state == "failed" {
+                    "failed"
+                } else {
+                    "offline"
+                },
                 "reason": row.state_reason,
                 "external_ip": row.external_ip,
                 "totals": {

@@ -658,11 +658,24 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        // The device's operator, as its first exit that knows one says.
+        if let Some(op) = hb
+            .exits
+            .iter()
+            .find_map(|e| e.telemetry.operator.as_deref())
+        {
+            sqlx::query("UPDATE devices SET operator = $1 WHERE id = $2 AND operator <> $1")
+                .bind(op)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Samples of a device since `since_ms`, oldest first, at most `limit`.
+    /// Samples of a device since `since_ms`, oldest first: the newest
+    /// `limit` of them.
     pub async fn telemetry(
         &self,
         device_id: &str,
@@ -671,7 +684,7 @@ impl Store {
     ) -> Result<Vec<TelemetryRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM telemetry WHERE device_id = $1 AND sampled_at >= $2 \
-             ORDER BY sampled_at, exit_name LIMIT $3",
+             ORDER BY sampled_at DESC, exit_name DESC LIMIT $3",
         )
         .bind(device_id)
         .bind(since_ms)
@@ -679,6 +692,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
+            .rev()
             .map(|r| {
                 Ok(TelemetryRow {
                     exit: r.try_get("exit_name")?,

@@ -122,8 +122,10 @@ pub struct Telemetry {
     pub temperature_dc: Option<i16>,
 }
 
-/// Network registration state (3GPP `+CREG`/`+CEREG` `<stat>`).
+/// Network registration state (3GPP `+CREG`/`+CEREG` `<stat>`). Named in
+/// snake case in JSON (the wire format numbers variants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Registration {
     NotRegistered,
     Home,
