@@ -13,7 +13,7 @@ use serde::Deserialize;
 use shared::wire::{CommandDetail, DEFAULT_EXIT, ExitInfo, ExitStatus, Telemetry, valid_exit_name};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::net;
 use crate::rotate::{Backend, RotationConfig};
@@ -192,16 +192,18 @@ impl Exit {
     }
 
     async fn read_ip_until(&self, echo_url: &str, deadline: Instant) -> Result<IpAddr, String> {
+        // Right after a link comes back the first SYN is often lost (routes
+        // and NAT state are still settling) and TCP would retry it only
+        // after a second: start with short tries and lengthen them.
+        const TRIES_MS: [u64; 4] = [750, 1500, 3000, 5000];
         let mut last = String::from("no attempt");
-        loop {
+        for n in 0usize.. {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(last);
+                break;
             }
-            match self
-                .public_ip(echo_url, left.min(Duration::from_secs(5)))
-                .await
-            {
+            let per_try = Duration::from_millis(TRIES_MS[n.min(TRIES_MS.len() - 1)]);
+            match self.public_ip(echo_url, left.min(per_try)).await {
                 Ok(ip) => return Ok(ip),
                 Err(e) => last = e,
             }
@@ -209,6 +211,7 @@ impl Exit {
                 Duration::from_millis(250).min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
         }
+        Err(last)
     }
 
     /// `Rotate`: run one rung, wait for the uplink, read the new address.
@@ -266,7 +269,7 @@ impl Exit {
         match self.read_ip_until(echo_url, deadline).await {
             Ok(ip) => {
                 let verify_ms = verify_started.elapsed().as_millis() as u32;
-                debug!(exit = %self.name, %ip, backend_ms, verify_ms, "rotation step done");
+                info!(exit = %self.name, %ip, backend_ms, verify_ms, "rotation step done");
                 (
                     true,
                     format!("step {rung_name} done; public address {ip}"),
