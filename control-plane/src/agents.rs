@@ -491,6 +491,9 @@ async fn run_session(
         ip_echo_url: state.ip_echo_url(),
     });
     let exits = state.registry.exits_for(&device.id, &exit_infos);
+    state
+        .registry
+        .set_attrs(&device.id, crate::routing::DeviceAttrs::of(&device));
     match state.store.upsert_exits(&device.id, &exit_infos).await {
         Ok(stored) => {
             for e in &exits {

@@ -34,9 +34,9 @@ pub struct App {
 
 pub async fn start(cfg: Config) -> anyhow::Result<App> {
     cfg.validate()?;
-    let store = Store::open(&cfg.data_dir)
+    let store = Store::open(&cfg)
         .await
-        .with_context(|| format!("opening the database in {}", cfg.data_dir.display()))?;
+        .with_context(|| format!("opening the database {}", database_shown(&cfg)))?;
     let pki = Pki::load_or_create(&cfg.data_dir.join("pki"))?;
     let initial_admin_token = if store.admin_token_count().await? == 0 {
         Some(tokens::create_admin_token(&store, "initial").await?)
@@ -64,6 +64,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         flow_ids: Default::default(),
         tasks: TaskTracker::new(),
         rotator: Default::default(),
+        router: Default::default(),
     });
     let endpoint = crate::agents::endpoint(&state)
         .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
@@ -114,6 +115,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
     info!(
         http = %addrs.http, socks = %addrs.socks, api = %addrs.api, quic = %addrs.quic,
         data_dir = %state.cfg.data_dir.display(),
+        database = %database_shown(&state.cfg),
         "control plane listening"
     );
     Ok(App {
@@ -123,6 +125,17 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         shutdown,
         servers,
     })
+}
+
+/// The configured database for messages, without its password.
+fn database_shown(cfg: &Config) -> String {
+    match &cfg.database_url {
+        Some(url) => crate::store::redacted_url(url),
+        None => format!(
+            "sqlite://{}",
+            cfg.data_dir.join(crate::store::DB_FILE).display()
+        ),
+    }
 }
 
 /// Specific listener IPs plus whatever the public address resolves to.

@@ -23,6 +23,7 @@ pub mod pki;
 pub mod proxy;
 pub mod registry;
 pub mod rotation;
+pub mod routing;
 pub mod state;
 pub mod store;
 pub mod tokens;

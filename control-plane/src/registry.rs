@@ -8,11 +8,13 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::routing::DeviceAttrs;
 use shared::wire::{Command, CommandKind, CommandResult, ExitInfo, Heartbeat, Telemetry};
 use tokio::sync::{mpsc, oneshot};
 
@@ -79,6 +81,8 @@ pub struct ExitState {
     pub since_rotation: AtomicU64,
     /// Counter values already written to the database.
     pub flushed: Mutex<Counters>,
+    /// The device's attributes routing filters look at.
+    attrs: RwLock<Arc<DeviceAttrs>>,
 }
 
 /// A snapshot of an exit's counters.
@@ -130,7 +134,15 @@ impl ExitState {
             bytes_down: AtomicU64::new(0),
             since_rotation: AtomicU64::new(0),
             flushed: Mutex::new(Counters::default()),
+            attrs: RwLock::new(Arc::new(DeviceAttrs::default())),
         }
+    }
+
+    pub fn attrs(&self) -> Arc<DeviceAttrs> {
+        self.attrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     pub fn phase(&self) -> ExitPhase {
@@ -389,7 +401,6 @@ pub struct Registry {
     /// Flattened (session, exit) pairs of live sessions, rebuilt when a
     /// session comes or goes.
     routes: RwLock<Vec<Route>>,
-    rr: AtomicUsize,
     next_session: AtomicU64,
     next_command: AtomicU64,
 }
@@ -448,6 +459,24 @@ impl Registry {
     pub fn forget_device(&self, device_id: &str) {
         let mut map = self.exits.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|(d, _), _| d != device_id);
+    }
+
+    /// Set the routing attributes of a device's exits.
+    pub fn set_attrs(&self, device_id: &str, attrs: DeviceAttrs) {
+        let attrs = Arc::new(attrs);
+        for e in self.device_exits(device_id) {
+            if let Ok(mut a) = e.attrs.write()
+                && **a != *attrs
+            {
+                *a = attrs.clone();
+            }
+        }
+    }
+
+    /// Run `f` over the routable (session, exit) pairs.
+    pub fn with_routes<T>(&self, f: impl FnOnce(&[Route]) -> T) -> T {
+        let v = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        f(&v)
     }
 
     /// Apply a device's maintenance flag to its exits.
@@ -512,25 +541,6 @@ impl Registry {
             }
             None => false,
         }
-    }
-
-    /// Round robin over available exits of online devices, skipping the
-    /// exits in `exclude` (as `(device, exit)`).
-    pub fn pick(&self, exclude: &[(String, String)]) -> Option<Route> {
-        let v = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        if v.is_empty() {
-            return None;
-        }
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        (0..v.len())
-            .map(|i| &v[(start + i) % v.len()])
-            .find(|r| {
-                r.exit.available()
-                    && !exclude
-                        .iter()
-                        .any(|(d, n)| *d == r.exit.device_id && *n == r.exit.name)
-            })
-            .cloned()
     }
 }
 

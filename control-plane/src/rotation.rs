@@ -614,6 +614,9 @@ async fn refresh_policies(state: &State) -> Result<(), StoreError> {
     for d in &devices {
         let s = resolve_schedule(d, &labels, default_every);
         state.registry.set_maintenance(&d.id, d.maintenance);
+        state
+            .registry
+            .set_attrs(&d.id, crate::routing::DeviceAttrs::of(d));
         {
             let mut m = state
                 .rotator

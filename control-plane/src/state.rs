@@ -40,6 +40,7 @@ pub struct State {
     pub flow_ids: AtomicU64,
     pub tasks: TaskTracker,
     pub rotator: crate::rotation::Rotator,
+    pub router: crate::routing::Router,
 }
 
 impl State {

@@ -61,7 +61,14 @@ pub async fn connect(state: &State, target: &TargetAddr) -> Result<Flow, ProxyEr
     let mut tried: Vec<(String, String)> = Vec::new();
     let mut last = ProxyError::NoExit;
     for _ in 0..=MAX_RETRIES {
-        let Some(route) = state.registry.pick(&tried) else {
+        let want = crate::routing::Want {
+            filter: &crate::routing::Filter::default(),
+            strategy: crate::routing::Strategy::RoundRobin,
+            client: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            session: None,
+            exclude: &tried,
+        };
+        let Some((route, _)) = state.router.pick(&state.registry, &want) else {
             break;
         };
         let exit = route.exit.clone();
