@@ -4,6 +4,11 @@
 #
 #   ./tests/run.sh            # everything
 #   ./tests/run.sh -E 'test(socks)'   # extra arguments go to cargo nextest
+#
+# The store tests run on SQLite and PostgreSQL (a throwaway cluster per test
+# process, started by the harness); then a second pass runs the end-to-end
+# proxy, API and resilience tests with the control plane on PostgreSQL.
+# CELLGATE_SKIP_POSTGRES_PASS=1, or any extra arguments, skip that pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +19,14 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+# PostgreSQL server programs for the throwaway test clusters (initdb, pg_ctl;
+# Debian keeps them off PATH, in a versioned directory).
+have_postgres() {
+    local bin
+    bin=$(pg_config --bindir 2>/dev/null) && [ -x "$bin/initdb" ] && return 0
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+have_postgres || need_apt+=(postgresql)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -33,4 +46,13 @@ echo "==> building the workspace (debug)"
 cargo build --workspace --all-targets --locked
 echo "==> running the tests"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
+if [ -z "${CELLGATE_SKIP_POSTGRES_PASS:-}" ] && [ "$#" -eq 0 ]; then
+    # The same binaries against PostgreSQL: every cluster gets a fresh
+    # database. Bulk-transfer tests exercise only the data path and stay out.
+    pg_start=$(date +%s)
+    echo "==> end-to-end tests with the control plane on PostgreSQL"
+    CELLGATE_E2E_DATABASE=postgres cargo nextest run --workspace --locked --no-fail-fast -E \
+        'binary(auth_and_policy) | binary(rotation_api) | binary(resilience) | (binary(proxy_paths) & !test(/50mb/))'
+    echo "==> PostgreSQL pass took $(( $(date +%s) - pg_start )) s"
+fi
 echo "==> all tests passed in $(( $(date +%s) - start )) s"

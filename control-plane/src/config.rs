@@ -12,6 +12,14 @@ use serde::Deserialize;
 pub struct Config {
     /// Database, PKI and runtime files live here.
     pub data_dir: PathBuf,
+    /// The database: `sqlite://PATH` or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`. `None` keeps the
+    /// embedded SQLite file `cellgate.db` in `data_dir`. Several control
+    /// planes may share one PostgreSQL database. Holds a password: log it
+    /// only through `store::redacted_url`.
+    pub database_url: Option<String>,
+    /// Connection pool size (default 4 for SQLite, 10 for PostgreSQL).
+    pub database_max_connections: Option<u32>,
     /// Customer HTTP proxy (CONNECT and absolute-form HTTP).
     pub http_listen: SocketAddr,
     /// Customer SOCKS5 proxy.
@@ -121,6 +129,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./cellgate-data"),
+            database_url: None,
+            database_max_connections: None,
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             socks_listen: SocketAddr::from(([0, 0, 0, 0], 1080)),
             api_listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
@@ -156,6 +166,19 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if let Some(url) = &self.database_url
+            && crate::store::Backend::of_url(url).is_none()
+        {
+            return bad(&format!(
+                "database_url {:?} must start with sqlite:// or postgres://",
+                crate::store::redacted_url(url)
+            ));
+        }
+        if let Some(n) = self.database_max_connections
+            && !(1..=1000).contains(&n)
+        {
+            return bad("database_max_connections must be within 1..=1000");
+        }
         if !(1..=300).contains(&self.handshake_timeout_secs) {
             return bad("handshake_timeout_secs must be within 1..=300");
         }
@@ -251,6 +274,26 @@ mod tests {
         assert!(c.allow_private_targets);
         assert_eq!(c.socks_listen.port(), 1080);
         assert!(toml::from_str::<Config>("http_port = 1").is_err());
+        assert_eq!(c.database_url, None);
+        let pg: Config =
+            toml::from_str("database_url = \"postgres://cg:pw@127.0.0.1:5432/cellgate\"").unwrap();
+        pg.validate().unwrap();
+        let err = Config {
+            database_url: Some("mysql://cg:hunter2@db/cellgate".into()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("database_url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let zero = Config {
+            database_max_connections: Some(0),
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
         let dup = Config {
             socks_listen: "0.0.0.0:8080".parse().unwrap(),
             ..Config::default()
@@ -268,5 +311,6 @@ mod tests {
         assert_eq!(c.heartbeat_interval_secs, d.heartbeat_interval_secs);
         assert_eq!(c.http_listen, d.http_listen);
         assert_eq!(c.quic_listen, d.quic_listen);
+        assert_eq!(c.database_url, d.database_url);
     }
 }

@@ -19,6 +19,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod limits;
 pub mod pki;
 pub mod proxy;
 pub mod registry;
@@ -27,5 +28,6 @@ pub mod routing;
 pub mod state;
 pub mod store;
 pub mod tokens;
+pub mod usage;
 
 pub use config::Config;

@@ -26,6 +26,17 @@ struct Cli {
     /// For `demo`, omit it to use a temporary directory removed on exit.
     #[arg(long, global = true, env = "CELLGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Database URL, `sqlite://PATH` or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE`; overrides the
+    /// configuration file. Default: SQLite `cellgate.db` in the data
+    /// directory. Prefer the environment variable: a flag shows up in `ps`.
+    #[arg(
+        long,
+        global = true,
+        env = "CELLGATE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -167,6 +178,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Some(d) = &cli.data_dir {
         cfg.data_dir = d.clone();
     }
+    if let Some(u) = &cli.database_url {
+        cfg.database_url = Some(u.clone());
+    }
     Ok(cfg)
 }
 
@@ -217,7 +231,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             );
             let ttl = ttl_secs.unwrap_or(cfg.enroll_token_ttl_secs);
             anyhow::ensure!(ttl > 0, "--ttl-secs must be positive");
-            let store = Store::open(&cfg.data_dir).await?;
+            let store = Store::open(&cfg).await?;
             let pki = Pki::load_or_create(&cfg.data_dir.join("pki"))?;
             let addr = tokens::agent_addr(&cfg, None);
             let issued = tokens::create_enroll_token(&store, &pki, addr, &name, ttl).await?;
@@ -231,14 +245,14 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Customer(c) => {
-            let store = Store::open(&cfg.data_dir).await?;
+            let store = Store::open(&cfg).await?;
             let r = customer(&store, c).await;
             store.close().await;
             r
         }
         Cmd::Device(c) => device(&cfg, c).await,
         Cmd::AdminToken(AdminCmd::Create { label }) => {
-            let store = Store::open(&cfg.data_dir).await?;
+            let store = Store::open(&cfg).await?;
             let t = tokens::create_admin_token(&store, &label).await?;
             store.close().await;
             println!("{t}");
@@ -266,7 +280,7 @@ async fn api_call(
     if api.ip().is_unspecified() {
         api.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let store = Store::open(&cfg.data_dir).await?;
+    let store = Store::open(cfg).await?;
     let token = tokens::create_admin_token(&store, "cli (temporary)").await?;
     let url = format!("http://{api}{path}");
     let auth = format!("Bearer {token}");

@@ -98,8 +98,21 @@ pub struct Filter {
     pub allowed_labels: Vec<String>,
 }
 
+/// Names compare case-insensitively, with `-` and `_` equal: usernames
+/// cannot carry `-` inside a value, so `region-eu_central` targets the
+/// region `eu-central`.
 fn eq_ci(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b)
+    a.len() == b.len()
+        && a.bytes().zip(b.bytes()).all(|(x, y)| {
+            let n = |c: u8| {
+                if c == b'-' {
+                    b'_'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            };
+            n(x) == n(y)
+        })
 }
 
 impl Filter {
@@ -418,6 +431,8 @@ mod tests {
         };
         assert!(f(|_| {}));
         assert!(f(|x| x.country = Some("DE".into())));
+        assert!(f(|x| x.region = Some("eu_central".into())));
+        assert!(f(|x| x.label = Some("pool_a".into())));
         assert!(!f(|x| x.country = Some("fr".into())));
         assert!(f(|x| x.operator = Some("vodafone".into())));
         assert!(!f(|x| x.operator = Some("telekom".into())));

@@ -1,21 +1,59 @@
-//! Persistent state (sqlx; SQLite in WAL mode is the embedded default).
+//! Persistent state (sqlx): SQLite in WAL mode is the embedded default,
+//! PostgreSQL lets several control planes share one database.
 //!
 //! The only module that talks SQL. Queries stick to SQL that SQLite and
-//! PostgreSQL both accept (`RETURNING`, `BIGINT` Unix-millisecond times,
-//! `BOOLEAN`), and migrations live in a folder per database.
+//! PostgreSQL both accept (`$n` placeholders, `RETURNING`, `BIGINT`
+//! Unix-millisecond times, `BOOLEAN`, `DOUBLE PRECISION`,
+//! `ON CONFLICT … DO UPDATE SET x = excluded.x`), and migrations live in a
+//! folder per database with the same schema.
+//!
+//! Glossary:
+//! - **backend**: which database a URL names ([`Backend`]).
+//! - **pool**: the backend's own sqlx pool. sqlx's `Any` driver would hide
+//!   the two behind one type, but in sqlx 0.9 it cannot read SQLite
+//!   `BOOLEAN` columns, so each backend keeps its native driver and
+//!   `on_pool!` compiles every query once per backend.
+//! - **cell**: a Rust type both drivers decode (`Cell`); row mappers read
+//!   columns through `Columns`, so a type only one backend knows is a
+//!   compile error rather than a runtime surprise on the other.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Decode, Postgres, Sqlite, Type};
+
+use crate::config::Config;
+
+/// Run `$body` with `$p` bound to the store's native pool. The body is
+/// compiled once per backend, so both drivers type-check every query.
+macro_rules! on_pool {
+    ($store:expr, |$p:ident| $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
 
 mod fleet;
 pub use fleet::*;
 
+/// The SQLite file in the data directory when no `database_url` is set.
 pub const DB_FILE: &str = "cellgate.db";
+/// SQLite serialises writers, so a few connections suffice.
+const SQLITE_MAX_CONNECTIONS: u32 = 4;
+/// PostgreSQL pool size unless `database_max_connections` says otherwise.
+const POSTGRES_MAX_CONNECTIONS: u32 = 10;
+/// How long opening the store waits for PostgreSQL to accept a connection.
+const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Customer ids look like `cus-0123456789ab`; usernames may not start so.
 pub const CUSTOMER_ID_PREFIX: &str = "cus-";
 
@@ -27,6 +65,10 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "unsupported database URL {0:?}: use sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+    )]
+    UnsupportedUrl(String),
 }
 
 fn conflict(e: sqlx::Error, what: &str) -> StoreError {
@@ -36,9 +78,122 @@ fn conflict(e: sqlx::Error, what: &str) -> StoreError {
     }
 }
 
+/// The database behind a URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a URL names by its scheme: `sqlite:` or `postgres:` /
+    /// `postgresql:`.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split_once(':')?.0.to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            _ => None,
+        }
+    }
+}
+
+/// A database URL fit for logs: the password in the user part
+/// (`user:PASSWORD@host`) and any `password=` query parameter become `***`.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let mut out = String::with_capacity(url.len());
+    if let Some(s) = scheme {
+        out.push_str(s);
+        out.push_str("://");
+    }
+    // The authority ends at the first '/', '?' or '#'; its user part at the
+    // last '@' (a raw '@' in a password is not percent-encoded by everyone).
+    // Without a scheme the text is taken as an authority too, so a URL that
+    // lost its `postgres://` still hides its password.
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(auth_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            match user_info.split_once(':') {
+                Some((user, _password)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str(user_info),
+            }
+            out.push('@');
+            out.push_str(host);
+        }
+        None => out.push_str(authority),
+    }
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let (query, fragment) = match query.split_once('#') {
+                Some((q, f)) => (q, Some(f)),
+                None => (query, None),
+            };
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+            if let Some(f) = fragment {
+                out.push('#');
+                out.push_str(f);
+            }
+        }
+        None => out.push_str(tail),
+    }
+    out
+}
+
+/// One backend's native pool (see the module documentation).
+#[derive(Clone)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
+}
+
+/// A Rust type both backends decode from a column.
+pub(crate) trait Cell:
+    for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+
+impl<T> Cell for T where
+    T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+
+/// Reading a named column from a row of either backend.
+pub(crate) trait Columns {
+    fn col<T: Cell>(&self, name: &str) -> Result<T, sqlx::Error>;
+}
+
+impl Columns for SqliteRow {
+    fn col<T: Cell>(&self, name: &str) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, name)
+    }
+}
+
+impl Columns for PgRow {
+    fn col<T: Cell>(&self, name: &str) -> Result<T, sqlx::Error> {
+        sqlx::Row::try_get(self, name)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,72 +257,153 @@ pub fn now_ms() -> i64 {
 const DEVICE_COLS: &str = "id, name, cert_fingerprint, disabled, kind, model, hostname, agent_version, last_addr, last_seen_at, connects, created_at, \
      operator, region, labels, maintenance, rotation_enabled, rotate_every_secs, rotate_jitter_secs, rotate_after_requests";
 
-fn device_from(r: &sqlx::sqlite::SqliteRow) -> Result<DeviceRow, sqlx::Error> {
+fn device_from(r: &impl Columns) -> Result<DeviceRow, sqlx::Error> {
     Ok(DeviceRow {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        cert_fingerprint: r.try_get("cert_fingerprint")?,
-        disabled: r.try_get("disabled")?,
-        kind: r.try_get("kind")?,
-        model: r.try_get("model")?,
-        hostname: r.try_get("hostname")?,
-        agent_version: r.try_get("agent_version")?,
-        last_addr: r.try_get("last_addr")?,
-        last_seen_at: r.try_get("last_seen_at")?,
-        connects: r.try_get("connects")?,
-        created_at: r.try_get("created_at")?,
-        operator: r.try_get("operator")?,
-        region: r.try_get("region")?,
-        labels: serde_json::from_str(&r.try_get::<String, _>("labels")?).unwrap_or_default(),
-        maintenance: r.try_get("maintenance")?,
+        id: r.col("id")?,
+        name: r.col("name")?,
+        cert_fingerprint: r.col("cert_fingerprint")?,
+        disabled: r.col("disabled")?,
+        kind: r.col("kind")?,
+        model: r.col("model")?,
+        hostname: r.col("hostname")?,
+        agent_version: r.col("agent_version")?,
+        last_addr: r.col("last_addr")?,
+        last_seen_at: r.col("last_seen_at")?,
+        connects: r.col("connects")?,
+        created_at: r.col("created_at")?,
+        operator: r.col("operator")?,
+        region: r.col("region")?,
+        labels: serde_json::from_str(&r.col::<String>("labels")?).unwrap_or_default(),
+        maintenance: r.col("maintenance")?,
         rotation: DeviceRotation {
-            enabled: r.try_get("rotation_enabled")?,
-            every_secs: r.try_get("rotate_every_secs")?,
-            jitter_secs: r.try_get("rotate_jitter_secs")?,
-            after_requests: r.try_get("rotate_after_requests")?,
+            enabled: r.col("rotation_enabled")?,
+            every_secs: r.col("rotate_every_secs")?,
+            jitter_secs: r.col("rotate_jitter_secs")?,
+            after_requests: r.col("rotate_after_requests")?,
         },
     })
 }
 
-fn customer_from(r: &sqlx::sqlite::SqliteRow) -> Result<CustomerRow, sqlx::Error> {
+fn customer_from(r: &impl Columns) -> Result<CustomerRow, sqlx::Error> {
     Ok(CustomerRow {
-        id: r.try_get("id")?,
-        username: r.try_get("username")?,
-        password_hash: r.try_get("password_hash")?,
-        disabled: r.try_get("disabled")?,
-        created_at: r.try_get("created_at")?,
+        id: r.col("id")?,
+        username: r.col("username")?,
+        password_hash: r.col("password_hash")?,
+        disabled: r.col("disabled")?,
+        created_at: r.col("created_at")?,
     })
 }
 
 impl Store {
-    /// Open (creating if needed) the database in `data_dir` and migrate it.
-    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-        let url = format!("sqlite://{}", data_dir.join(DB_FILE).display());
-        let opts = SqliteConnectOptions::from_str(&url)?
+    /// Open the database the configuration names (`database_url`, else
+    /// SQLite [`DB_FILE`] in `data_dir`, created with its directory) and
+    /// bring its schema up to date.
+    pub async fn open(cfg: &Config) -> Result<Self, StoreError> {
+        match &cfg.database_url {
+            Some(url) => Self::connect(url, cfg.database_max_connections).await,
+            None => {
+                std::fs::create_dir_all(&cfg.data_dir)
+                    .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+                let opts = SqliteConnectOptions::new().filename(cfg.data_dir.join(DB_FILE));
+                Self::open_sqlite(opts, cfg.database_max_connections).await
+            }
+        }
+    }
+
+    /// Open `url` (`sqlite://PATH` or `postgres://USER:PASSWORD@HOST:PORT/DB`)
+    /// and bring its schema up to date. `max_connections` defaults to 4 for
+    /// SQLite and 10 for PostgreSQL.
+    pub async fn connect(url: &str, max_connections: Option<u32>) -> Result<Self, StoreError> {
+        match Backend::of_url(url) {
+            Some(Backend::Sqlite) => {
+                let opts = SqliteConnectOptions::from_str(url)?;
+                let file = opts.get_filename();
+                if let Some(dir) = file.parent()
+                    && !dir.as_os_str().is_empty()
+                    && file != Path::new(":memory:")
+                {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+                }
+                Self::open_sqlite(opts, max_connections).await
+            }
+            Some(Backend::Postgres) => {
+                // synchronous_commit stays at the server's default (on): an
+                // acknowledged write survives a database crash. Notices
+                // ("relation … already exists, skipping" at every migration
+                // check) would otherwise be logged at info level.
+                let opts = PgConnectOptions::from_str(url)?
+                    .application_name("cellgate")
+                    .options([("client_min_messages", "warning")]);
+                // One plain connection first: a pool retries until its
+                // acquire timeout and then reports only that, while this
+                // says why (refused, wrong password, no such database).
+                let probe =
+                    tokio::time::timeout(PG_CONNECT_TIMEOUT, PgConnection::connect_with(&opts))
+                        .await
+                        .map_err(|_| {
+                            sqlx::Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "no connection to PostgreSQL within {PG_CONNECT_TIMEOUT:?}"
+                                ),
+                            ))
+                        })??;
+                probe.close().await?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(max_connections.unwrap_or(POSTGRES_MAX_CONNECTIONS))
+                    .connect_with(opts)
+                    .await?;
+                // Concurrent starts of several control planes are safe: the
+                // migrator holds an advisory lock while it runs.
+                sqlx::migrate!("migrations/postgres").run(&pool).await?;
+                Ok(Self {
+                    pool: Pool::Postgres(pool),
+                })
+            }
+            None => Err(StoreError::UnsupportedUrl(redacted_url(url))),
+        }
+    }
+
+    async fn open_sqlite(
+        opts: SqliteConnectOptions,
+        max_connections: Option<u32>,
+    ) -> Result<Self, StoreError> {
+        let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(max_connections.unwrap_or(SQLITE_MAX_CONNECTIONS))
             .connect_with(opts)
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(self, |p| p.close().await)
     }
 
     // --- admin tokens ------------------------------------------------------
 
     pub async fn admin_token_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM admin_tokens")
-            .fetch_one(&self.pool)
-            .await?)
+        let n: i64 = on_pool!(self, |p| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM admin_tokens"
+        )
+        .fetch_one(p)
+        .await?);
+        Ok(n)
     }
 
     pub async fn insert_admin_token(
@@ -176,31 +412,37 @@ impl Store {
         label: &str,
         hash: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        on_pool!(self, |p| sqlx::query(
             "INSERT INTO admin_tokens (id, label, token_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(id)
         .bind(label)
         .bind(hash)
         .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)?);
         Ok(())
     }
 
     pub async fn delete_admin_token(&self, hash: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM admin_tokens WHERE token_hash = $1")
-            .bind(hash)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self, |p| sqlx::query(
+            "DELETE FROM admin_tokens WHERE token_hash = $1"
+        )
+        .bind(hash)
+        .execute(p)
+        .await
+        .map(drop)?);
         Ok(())
     }
 
     pub async fn admin_token_exists(&self, hash: &str) -> Result<bool, StoreError> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM admin_tokens WHERE token_hash = $1")
-            .bind(hash)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = on_pool!(self, |p| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM admin_tokens WHERE token_hash = $1"
+        )
+        .bind(hash)
+        .fetch_one(p)
+        .await?);
         Ok(n > 0)
     }
 
@@ -213,7 +455,8 @@ impl Store {
         hash: &str,
         expires_at_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        on_pool!(self, |p| {
+            sqlx::query(
             "INSERT INTO enroll_tokens (id, name, token_hash, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id)
@@ -221,8 +464,10 @@ impl Store {
         .bind(hash)
         .bind(now_ms())
         .bind(expires_at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)?
+        });
         Ok(())
     }
 
@@ -238,89 +483,102 @@ impl Store {
         seen: &DeviceSeen,
     ) -> Result<Option<String>, StoreError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let name: Option<String> = sqlx::query_scalar(
-            "UPDATE enroll_tokens SET used_at = $1, device_id = $2 \
-             WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 RETURNING name",
-        )
-        .bind(now)
-        .bind(device_id)
-        .bind(token_hash)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(name) = name else {
-            return Ok(None);
-        };
-        sqlx::query(
-            "INSERT INTO devices (id, name, cert_fingerprint, kind, model, hostname, agent_version, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(device_id)
-        .bind(&name)
-        .bind(cert_fingerprint)
-        .bind(&seen.kind)
-        .bind(&seen.model)
-        .bind(&seen.hostname)
-        .bind(&seen.agent_version)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| conflict(e, "device"))?;
-        tx.commit().await?;
-        Ok(Some(name))
+        on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let name: Option<String> = sqlx::query_scalar(
+                "UPDATE enroll_tokens SET used_at = $1, device_id = $2 \
+                 WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 RETURNING name",
+            )
+            .bind(now)
+            .bind(device_id)
+            .bind(token_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(name) = name else {
+                return Ok(None);
+            };
+            sqlx::query(
+                "INSERT INTO devices (id, name, cert_fingerprint, kind, model, hostname, agent_version, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(device_id)
+            .bind(&name)
+            .bind(cert_fingerprint)
+            .bind(&seen.kind)
+            .bind(&seen.model)
+            .bind(&seen.hostname)
+            .bind(&seen.agent_version)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| conflict(e, "device"))?;
+            tx.commit().await?;
+            Ok(Some(name))
+        })
     }
 
     // --- devices -----------------------------------------------------------
 
     pub async fn device_by_fingerprint(&self, fp: &str) -> Result<Option<DeviceRow>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE cert_fingerprint = $1"
-        )))
-        .bind(fp)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(device_from).transpose()?)
+        on_pool!(self, |p| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE cert_fingerprint = $1"
+            )))
+            .bind(fp)
+            .fetch_optional(p)
+            .await?;
+            Ok(row.as_ref().map(device_from).transpose()?)
+        })
     }
 
     pub async fn device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {DEVICE_COLS} FROM devices WHERE id = $1"
-        )))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(device_from).transpose()?)
+        on_pool!(self, |p| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEVICE_COLS} FROM devices WHERE id = $1"
+            )))
+            .bind(id)
+            .fetch_optional(p)
+            .await?;
+            Ok(row.as_ref().map(device_from).transpose()?)
+        })
     }
 
     pub async fn devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {DEVICE_COLS} FROM devices ORDER BY created_at, id"
-        )))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(device_from).collect::<Result<_, _>>()?)
+        on_pool!(self, |p| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {DEVICE_COLS} FROM devices ORDER BY created_at, id"
+            )))
+            .fetch_all(p)
+            .await?;
+            Ok(rows.iter().map(device_from).collect::<Result<_, _>>()?)
+        })
     }
 
     pub async fn set_device_disabled(&self, id: &str, disabled: bool) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE devices SET disabled = $1 WHERE id = $2")
-            .bind(disabled)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        let n = on_pool!(self, |p| sqlx::query(
+            "UPDATE devices SET disabled = $1 WHERE id = $2"
+        )
+        .bind(disabled)
+        .bind(id)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(n > 0)
     }
 
     pub async fn delete_device(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM devices WHERE id = $1")
+        let n = on_pool!(self, |p| sqlx::query("DELETE FROM devices WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(n > 0)
     }
 
     /// Record a (re)connection.
     pub async fn device_connected(&self, id: &str, seen: &DeviceSeen) -> Result<(), StoreError> {
-        sqlx::query(
+        on_pool!(self, |p| {
+            sqlx::query(
             "UPDATE devices SET kind = $1, model = $2, hostname = $3, agent_version = $4, last_addr = $5, \
              last_seen_at = $6, connects = connects + 1, operator = $7 WHERE id = $8",
         )
@@ -332,18 +590,23 @@ impl Store {
         .bind(now_ms())
         .bind(&seen.operator)
         .bind(id)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)?
+        });
         Ok(())
     }
 
     pub async fn device_seen(&self, id: &str, addr: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE devices SET last_seen_at = $1, last_addr = $2 WHERE id = $3")
-            .bind(now_ms())
-            .bind(addr)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self, |p| sqlx::query(
+            "UPDATE devices SET last_seen_at = $1, last_addr = $2 WHERE id = $3"
+        )
+        .bind(now_ms())
+        .bind(addr)
+        .bind(id)
+        .execute(p)
+        .await
+        .map(drop)?);
         Ok(())
     }
 
@@ -356,14 +619,19 @@ impl Store {
         password_hash: &str,
     ) -> Result<CustomerRow, StoreError> {
         let now = now_ms();
-        sqlx::query("INSERT INTO customers (id, username, password_hash, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(id)
-            .bind(username)
-            .bind(password_hash)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| conflict(e, &format!("customer {username}")))?;
+        on_pool!(self, |p| {
+            sqlx::query(
+            "INSERT INTO customers (id, username, password_hash, created_at) VALUES ($1, $2, $3, $4)"
+        )
+        .bind(id)
+        .bind(username)
+        .bind(password_hash)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(drop)
+        .map_err(|e| conflict(e, &format!("customer {username}")))?
+        });
         Ok(CustomerRow {
             id: id.to_string(),
             username: username.to_string(),
@@ -378,30 +646,41 @@ impl Store {
         username: &str,
         password_hash: &str,
     ) -> Result<bool, StoreError> {
-        let r = sqlx::query("UPDATE customers SET password_hash = $1 WHERE username = $2")
-            .bind(password_hash)
-            .bind(username)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        let n = on_pool!(self, |p| sqlx::query(
+            "UPDATE customers SET password_hash = $1 WHERE username = $2"
+        )
+        .bind(password_hash)
+        .bind(username)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(n > 0)
     }
 
     pub async fn customers(&self) -> Result<Vec<CustomerRow>, StoreError> {
-        let rows = sqlx::query("SELECT id, username, password_hash, disabled, created_at FROM customers ORDER BY created_at, id")
-            .fetch_all(&self.pool)
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id, username, password_hash, disabled, created_at FROM customers ORDER BY created_at, id",
+            )
+            .fetch_all(p)
             .await?;
-        Ok(rows.iter().map(customer_from).collect::<Result<_, _>>()?)
+            Ok(rows.iter().map(customer_from).collect::<Result<_, _>>()?)
+        })
     }
 
     pub async fn customer_by_username(
         &self,
         username: &str,
     ) -> Result<Option<CustomerRow>, StoreError> {
-        let row = sqlx::query("SELECT id, username, password_hash, disabled, created_at FROM customers WHERE username = $1")
+        on_pool!(self, |p| {
+            let row = sqlx::query(
+                "SELECT id, username, password_hash, disabled, created_at FROM customers WHERE username = $1",
+            )
             .bind(username)
-            .fetch_optional(&self.pool)
+            .fetch_optional(p)
             .await?;
-        Ok(row.as_ref().map(customer_from).transpose()?)
+            Ok(row.as_ref().map(customer_from).transpose()?)
+        })
     }
 
     /// Delete by id (`cus-…`) or else by username; returns the deleted
@@ -413,10 +692,10 @@ impl Store {
         } else {
             "DELETE FROM customers WHERE username = $1 RETURNING username"
         };
-        let name: Option<String> = sqlx::query_scalar(sql)
+        let name: Option<String> = on_pool!(self, |p| sqlx::query_scalar(sql)
             .bind(id_or_name)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(p)
+            .await?);
         Ok(name)
     }
 }
@@ -427,7 +706,85 @@ mod tests {
 
     async fn store() -> (Store, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("cg-store-{}", rand::random::<u64>()));
-        (Store::open(&dir).await.unwrap(), dir)
+        let cfg = Config {
+            data_dir: dir.clone(),
+            ..Config::default()
+        };
+        let s = Store::open(&cfg).await.unwrap();
+        assert_eq!(s.backend(), Backend::Sqlite);
+        assert!(dir.join(DB_FILE).is_file());
+        (s, dir)
+    }
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        let cases = [
+            (
+                "postgres://cellgate:s3cret@db.example.net:5432/cellgate",
+                "postgres://cellgate:***@db.example.net:5432/cellgate",
+            ),
+            (
+                "postgresql://u:p%40ss@127.0.0.1/db?sslmode=require",
+                "postgresql://u:***@127.0.0.1/db?sslmode=require",
+            ),
+            // A raw '@' in the password: the host starts after the last one.
+            ("postgres://u:a@b@h:1/d", "postgres://u:***@h:1/d"),
+            (
+                "postgres://h/d?user=u&password=hunter2&sslmode=disable",
+                "postgres://h/d?user=u&password=***&sslmode=disable",
+            ),
+            ("postgres://u@h/d", "postgres://u@h/d"),
+            ("postgres://h:5432", "postgres://h:5432"),
+            (
+                "sqlite:///var/lib/cellgate/cellgate.db",
+                "sqlite:///var/lib/cellgate/cellgate.db",
+            ),
+            ("sqlite://data/c.db?mode=rwc", "sqlite://data/c.db?mode=rwc"),
+            ("sqlite::memory:", "sqlite::memory:"),
+            ("sqlite:data/c.db", "sqlite:data/c.db"),
+            ("cellgate:s3cret@db/cellgate", "cellgate:***@db/cellgate"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redacted_url(url), want, "{url}");
+        }
+        for secret in ["s3cret", "hunter2", "p%40ss"] {
+            for (url, _) in cases {
+                assert!(!redacted_url(url).contains(secret), "{url}");
+            }
+        }
+    }
+
+    #[test]
+    fn backend_follows_the_scheme() {
+        assert_eq!(Backend::of_url("sqlite://x.db"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of_url("sqlite::memory:"), Some(Backend::Sqlite));
+        assert_eq!(Backend::of_url("postgres://h/d"), Some(Backend::Postgres));
+        assert_eq!(Backend::of_url("PostgreSQL://h/d"), Some(Backend::Postgres));
+        assert_eq!(Backend::of_url("mysql://h/d"), None);
+        assert_eq!(Backend::of_url("/var/lib/cellgate.db"), None);
+    }
+
+    #[tokio::test]
+    async fn unsupported_urls_are_refused_without_their_password() {
+        let e = Store::connect("mysql://root:topsecret@h/d", None)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(e, StoreError::UnsupportedUrl(_)));
+        assert!(!e.to_string().contains("topsecret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_url_opens_and_creates_its_directory() {
+        let dir = std::env::temp_dir().join(format!("cg-store-url-{}", rand::random::<u64>()));
+        let file = dir.join("nested/db.sqlite");
+        let s = Store::connect(&format!("sqlite://{}", file.display()), None)
+            .await
+            .unwrap();
+        assert_eq!(s.admin_token_count().await.unwrap(), 0);
+        s.close().await;
+        assert!(file.is_file());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]

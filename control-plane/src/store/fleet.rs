@@ -3,9 +3,8 @@
 
 use serde::Serialize;
 use shared::wire::{ExitInfo, Heartbeat};
-use sqlx::Row;
 
-use super::{DeviceRotation, Store, StoreError, now_ms};
+use super::{Columns, DeviceRotation, Store, StoreError, now_ms};
 use crate::registry::Counters;
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,24 +30,24 @@ pub struct ExitRow {
 const EXIT_COLS: &str = "device_id, name, interface, method, ladder, external_ip, ip_checked_at, state, state_reason, \
      last_rotation_at, requests, successes, failures, open_ms_total, bytes_up, bytes_down";
 
-fn exit_from(r: &sqlx::sqlite::SqliteRow) -> Result<ExitRow, sqlx::Error> {
+fn exit_from(r: &impl Columns) -> Result<ExitRow, sqlx::Error> {
     Ok(ExitRow {
-        device_id: r.try_get("device_id")?,
-        name: r.try_get("name")?,
-        interface: r.try_get("interface")?,
-        method: r.try_get("method")?,
-        ladder: serde_json::from_str(&r.try_get::<String, _>("ladder")?).unwrap_or_default(),
-        external_ip: r.try_get("external_ip")?,
-        ip_checked_at: r.try_get("ip_checked_at")?,
-        state: r.try_get("state")?,
-        state_reason: r.try_get("state_reason")?,
-        last_rotation_at: r.try_get("last_rotation_at")?,
-        requests: r.try_get("requests")?,
-        successes: r.try_get("successes")?,
-        failures: r.try_get("failures")?,
-        open_ms_total: r.try_get("open_ms_total")?,
-        bytes_up: r.try_get("bytes_up")?,
-        bytes_down: r.try_get("bytes_down")?,
+        device_id: r.col("device_id")?,
+        name: r.col("name")?,
+        interface: r.col("interface")?,
+        method: r.col("method")?,
+        ladder: serde_json::from_str(&r.col::<String>("ladder")?).unwrap_or_default(),
+        external_ip: r.col("external_ip")?,
+        ip_checked_at: r.col("ip_checked_at")?,
+        state: r.col("state")?,
+        state_reason: r.col("state_reason")?,
+        last_rotation_at: r.col("last_rotation_at")?,
+        requests: r.col("requests")?,
+        successes: r.col("successes")?,
+        failures: r.col("failures")?,
+        open_ms_total: r.col("open_ms_total")?,
+        bytes_up: r.col("bytes_up")?,
+        bytes_down: r.col("bytes_down")?,
     })
 }
 
@@ -77,24 +76,24 @@ pub struct RotationRow {
     pub finished_at: i64,
 }
 
-fn rotation_from(r: &sqlx::sqlite::SqliteRow) -> Result<RotationRow, sqlx::Error> {
+fn rotation_from(r: &impl Columns) -> Result<RotationRow, sqlx::Error> {
     Ok(RotationRow {
-        id: r.try_get("id")?,
-        device_id: r.try_get("device_id")?,
-        exit: r.try_get("exit_name")?,
-        cause: r.try_get("cause")?,
-        method: r.try_get("method")?,
-        rungs: serde_json::from_str(&r.try_get::<String, _>("rungs")?).unwrap_or_default(),
-        attempts: r.try_get("attempts")?,
-        old_ip: r.try_get("old_ip")?,
-        new_ip: r.try_get("new_ip")?,
-        outcome: r.try_get("outcome")?,
-        error: r.try_get("error")?,
-        drain_ms: r.try_get("drain_ms")?,
-        backend_ms: r.try_get("backend_ms")?,
-        duration_ms: r.try_get("duration_ms")?,
-        started_at: r.try_get("started_at")?,
-        finished_at: r.try_get("finished_at")?,
+        id: r.col("id")?,
+        device_id: r.col("device_id")?,
+        exit: r.col("exit_name")?,
+        cause: r.col("cause")?,
+        method: r.col("method")?,
+        rungs: serde_json::from_str(&r.col::<String>("rungs")?).unwrap_or_default(),
+        attempts: r.col("attempts")?,
+        old_ip: r.col("old_ip")?,
+        new_ip: r.col("new_ip")?,
+        outcome: r.col("outcome")?,
+        error: r.col("error")?,
+        drain_ms: r.col("drain_ms")?,
+        backend_ms: r.col("backend_ms")?,
+        duration_ms: r.col("duration_ms")?,
+        started_at: r.col("started_at")?,
+        finished_at: r.col("finished_at")?,
     })
 }
 
@@ -181,36 +180,40 @@ impl Store {
         device_id: &str,
         exits: &[ExitInfo],
     ) -> Result<Vec<ExitRow>, StoreError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        for e in exits {
-            sqlx::query(
-                "INSERT INTO exits (device_id, name, interface, method, ladder, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (device_id, name) DO UPDATE SET \
-                 interface = excluded.interface, method = excluded.method, ladder = excluded.ladder",
-            )
-            .bind(device_id)
-            .bind(&e.name)
-            .bind(&e.interface)
-            .bind(&e.method)
-            .bind(serde_json::to_string(&e.ladder).unwrap_or_else(|_| "[]".into()))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        self.exits_of(device_id).await
+        on_pool!(self, |p| {
+            let now = now_ms();
+            let mut tx = p.begin().await?;
+            for e in exits {
+                sqlx::query(
+                    "INSERT INTO exits (device_id, name, interface, method, ladder, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (device_id, name) DO UPDATE SET \
+                     interface = excluded.interface, method = excluded.method, ladder = excluded.ladder",
+                )
+                .bind(device_id)
+                .bind(&e.name)
+                .bind(&e.interface)
+                .bind(&e.method)
+                .bind(serde_json::to_string(&e.ladder).unwrap_or_else(|_| "[]".into()))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            self.exits_of(device_id).await
+        })
     }
 
     pub async fn exits_of(&self, device_id: &str) -> Result<Vec<ExitRow>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {EXIT_COLS} FROM exits WHERE device_id = $1 ORDER BY name"
-        )))
-        .bind(device_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.iter().map(exit_from).collect::<Result<_, _>>()?)
+        on_pool!(self, |p| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {EXIT_COLS} FROM exits WHERE device_id = $1 ORDER BY name"
+            )))
+            .bind(device_id)
+            .fetch_all(p)
+            .await?;
+            Ok(rows.iter().map(exit_from).collect::<Result<_, _>>()?)
+        })
     }
 
     /// Record a verified public address of an exit, and in its IP history.
@@ -220,29 +223,31 @@ impl Store {
         exit: &str,
         ip: &str,
     ) -> Result<(), StoreError> {
-        let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE exits SET external_ip = $1, ip_checked_at = $2 WHERE device_id = $3 AND name = $4",
-        )
-        .bind(ip)
-        .bind(now)
-        .bind(device_id)
-        .bind(exit)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO ip_history (device_id, exit_name, ip, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4) \
-             ON CONFLICT (device_id, exit_name, ip) DO UPDATE SET last_seen = excluded.last_seen",
-        )
-        .bind(device_id)
-        .bind(exit)
-        .bind(ip)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        on_pool!(self, |p| {
+            let now = now_ms();
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "UPDATE exits SET external_ip = $1, ip_checked_at = $2 WHERE device_id = $3 AND name = $4",
+            )
+            .bind(ip)
+            .bind(now)
+            .bind(device_id)
+            .bind(exit)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO ip_history (device_id, exit_name, ip, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4) \
+                 ON CONFLICT (device_id, exit_name, ip) DO UPDATE SET last_seen = excluded.last_seen",
+            )
+            .bind(device_id)
+            .bind(exit)
+            .bind(ip)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     pub async fn set_exit_state(
@@ -252,16 +257,18 @@ impl Store {
         state: &str,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE exits SET state = $1, state_reason = $2 WHERE device_id = $3 AND name = $4",
-        )
-        .bind(state)
-        .bind(reason)
-        .bind(device_id)
-        .bind(exit)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        on_pool!(self, |p| {
+            sqlx::query(
+                "UPDATE exits SET state = $1, state_reason = $2 WHERE device_id = $3 AND name = $4",
+            )
+            .bind(state)
+            .bind(reason)
+            .bind(device_id)
+            .bind(exit)
+            .execute(p)
+            .await?;
+            Ok(())
+        })
     }
 
     /// Add counter deltas to an exit, and its requests to the IP it had.
@@ -272,76 +279,82 @@ impl Store {
         d: &Counters,
         ip: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE exits SET requests = requests + $1, successes = successes + $2, failures = failures + $3, \
-             open_ms_total = open_ms_total + $4, bytes_up = bytes_up + $5, bytes_down = bytes_down + $6 \
-             WHERE device_id = $7 AND name = $8",
-        )
-        .bind(d.requests as i64)
-        .bind(d.successes as i64)
-        .bind(d.failures as i64)
-        .bind(d.open_ms_total as i64)
-        .bind(d.bytes_up as i64)
-        .bind(d.bytes_down as i64)
-        .bind(device_id)
-        .bind(exit)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(ip) = ip
-            && d.requests > 0
-        {
+        on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
             sqlx::query(
-                "UPDATE ip_history SET requests = requests + $1, last_seen = $2 \
-                 WHERE device_id = $3 AND exit_name = $4 AND ip = $5",
+                "UPDATE exits SET requests = requests + $1, successes = successes + $2, failures = failures + $3, \
+                 open_ms_total = open_ms_total + $4, bytes_up = bytes_up + $5, bytes_down = bytes_down + $6 \
+                 WHERE device_id = $7 AND name = $8",
             )
             .bind(d.requests as i64)
-            .bind(now_ms())
+            .bind(d.successes as i64)
+            .bind(d.failures as i64)
+            .bind(d.open_ms_total as i64)
+            .bind(d.bytes_up as i64)
+            .bind(d.bytes_down as i64)
             .bind(device_id)
             .bind(exit)
-            .bind(ip)
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            if let Some(ip) = ip
+                && d.requests > 0
+            {
+                sqlx::query(
+                    "UPDATE ip_history SET requests = requests + $1, last_seen = $2 \
+                     WHERE device_id = $3 AND exit_name = $4 AND ip = $5",
+                )
+                .bind(d.requests as i64)
+                .bind(now_ms())
+                .bind(device_id)
+                .bind(exit)
+                .bind(ip)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     // --- rotations and IP history ------------------------------------------
 
     pub async fn insert_rotation(&self, r: &RotationRow) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO rotations (id, device_id, exit_name, cause, method, rungs, attempts, old_ip, new_ip, \
-             outcome, error, drain_ms, backend_ms, duration_ms, started_at, finished_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
-        )
-        .bind(&r.id)
-        .bind(&r.device_id)
-        .bind(&r.exit)
-        .bind(&r.cause)
-        .bind(&r.method)
-        .bind(serde_json::to_string(&r.rungs).unwrap_or_else(|_| "[]".into()))
-        .bind(r.attempts)
-        .bind(&r.old_ip)
-        .bind(&r.new_ip)
-        .bind(&r.outcome)
-        .bind(&r.error)
-        .bind(r.drain_ms)
-        .bind(r.backend_ms)
-        .bind(r.duration_ms)
-        .bind(r.started_at)
-        .bind(r.finished_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE exits SET last_rotation_at = $1 WHERE device_id = $2 AND name = $3")
+        on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "INSERT INTO rotations (id, device_id, exit_name, cause, method, rungs, attempts, old_ip, new_ip, \
+                 outcome, error, drain_ms, backend_ms, duration_ms, started_at, finished_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )
+            .bind(&r.id)
+            .bind(&r.device_id)
+            .bind(&r.exit)
+            .bind(&r.cause)
+            .bind(&r.method)
+            .bind(serde_json::to_string(&r.rungs).unwrap_or_else(|_| "[]".into()))
+            .bind(r.attempts)
+            .bind(&r.old_ip)
+            .bind(&r.new_ip)
+            .bind(&r.outcome)
+            .bind(&r.error)
+            .bind(r.drain_ms)
+            .bind(r.backend_ms)
+            .bind(r.duration_ms)
+            .bind(r.started_at)
+            .bind(r.finished_at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE exits SET last_rotation_at = $1 WHERE device_id = $2 AND name = $3",
+            )
             .bind(r.finished_at)
             .bind(&r.device_id)
             .bind(&r.exit)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Latest rotations, newest first; of one device when given.
@@ -350,24 +363,26 @@ impl Store {
         device_id: Option<&str>,
         limit: i64,
     ) -> Result<Vec<RotationRow>, StoreError> {
-        let rows = match device_id {
-            Some(d) => {
-                sqlx::query(
-                    "SELECT * FROM rotations WHERE device_id = $1 ORDER BY started_at DESC, id LIMIT $2",
-                )
-                .bind(d)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query("SELECT * FROM rotations ORDER BY started_at DESC, id LIMIT $1")
+        on_pool!(self, |p| {
+            let rows = match device_id {
+                Some(d) => {
+                    sqlx::query(
+                        "SELECT * FROM rotations WHERE device_id = $1 ORDER BY started_at DESC, id LIMIT $2",
+                    )
+                    .bind(d)
                     .bind(limit)
-                    .fetch_all(&self.pool)
+                    .fetch_all(p)
                     .await?
-            }
-        };
-        Ok(rows.iter().map(rotation_from).collect::<Result<_, _>>()?)
+                }
+                None => {
+                    sqlx::query("SELECT * FROM rotations ORDER BY started_at DESC, id LIMIT $1")
+                        .bind(limit)
+                        .fetch_all(p)
+                        .await?
+                }
+            };
+            Ok(rows.iter().map(rotation_from).collect::<Result<_, _>>()?)
+        })
     }
 
     /// The exit's last `n` distinct addresses, most recent first.
@@ -377,38 +392,42 @@ impl Store {
         exit: &str,
         n: i64,
     ) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT ip FROM ip_history WHERE device_id = $1 AND exit_name = $2 \
-             ORDER BY last_seen DESC, ip LIMIT $3",
-        )
-        .bind(device_id)
-        .bind(exit)
-        .bind(n)
-        .fetch_all(&self.pool)
-        .await?)
+        on_pool!(self, |p| {
+            Ok(sqlx::query_scalar(
+                "SELECT ip FROM ip_history WHERE device_id = $1 AND exit_name = $2 \
+                 ORDER BY last_seen DESC, ip LIMIT $3",
+            )
+            .bind(device_id)
+            .bind(exit)
+            .bind(n)
+            .fetch_all(p)
+            .await?)
+        })
     }
 
     pub async fn ip_history(&self, device_id: &str, limit: i64) -> Result<Vec<IpRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT exit_name, ip, first_seen, last_seen, requests FROM ip_history \
-             WHERE device_id = $1 ORDER BY last_seen DESC, ip LIMIT $2",
-        )
-        .bind(device_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(IpRow {
-                    exit: r.try_get("exit_name")?,
-                    ip: r.try_get("ip")?,
-                    first_seen: r.try_get("first_seen")?,
-                    last_seen: r.try_get("last_seen")?,
-                    requests: r.try_get("requests")?,
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT exit_name, ip, first_seen, last_seen, requests FROM ip_history \
+                 WHERE device_id = $1 ORDER BY last_seen DESC, ip LIMIT $2",
+            )
+            .bind(device_id)
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(IpRow {
+                        exit: r.col("exit_name")?,
+                        ip: r.col("ip")?,
+                        first_seen: r.col("first_seen")?,
+                        last_seen: r.col("last_seen")?,
+                        requests: r.col("requests")?,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
     }
 
     // --- rotation links ----------------------------------------------------
@@ -421,27 +440,29 @@ impl Store {
         token_hash: &str,
         min_interval_secs: i64,
     ) -> Result<RotationLinkRow, StoreError> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO rotation_links (id, device_id, exit_name, token_hash, min_interval_secs, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id)
-        .bind(device_id)
-        .bind(exit)
-        .bind(token_hash)
-        .bind(min_interval_secs)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(RotationLinkRow {
-            id: id.to_string(),
-            device_id: device_id.to_string(),
-            exit: exit.to_string(),
-            min_interval_secs,
-            last_used_at: None,
-            uses: 0,
-            created_at: now,
+        on_pool!(self, |p| {
+            let now = now_ms();
+            sqlx::query(
+                "INSERT INTO rotation_links (id, device_id, exit_name, token_hash, min_interval_secs, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(device_id)
+            .bind(exit)
+            .bind(token_hash)
+            .bind(min_interval_secs)
+            .bind(now)
+            .execute(p)
+            .await?;
+            Ok(RotationLinkRow {
+                id: id.to_string(),
+                device_id: device_id.to_string(),
+                exit: exit.to_string(),
+                min_interval_secs,
+                last_used_at: None,
+                uses: 0,
+                created_at: now,
+            })
         })
     }
 
@@ -449,111 +470,119 @@ impl Store {
         &self,
         device_id: &str,
     ) -> Result<Vec<RotationLinkRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, device_id, exit_name, min_interval_secs, last_used_at, uses, created_at \
-             FROM rotation_links WHERE device_id = $1 ORDER BY created_at, id",
-        )
-        .bind(device_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(RotationLinkRow {
-                    id: r.try_get("id")?,
-                    device_id: r.try_get("device_id")?,
-                    exit: r.try_get("exit_name")?,
-                    min_interval_secs: r.try_get("min_interval_secs")?,
-                    last_used_at: r.try_get("last_used_at")?,
-                    uses: r.try_get("uses")?,
-                    created_at: r.try_get("created_at")?,
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT id, device_id, exit_name, min_interval_secs, last_used_at, uses, created_at \
+                 FROM rotation_links WHERE device_id = $1 ORDER BY created_at, id",
+            )
+            .bind(device_id)
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(RotationLinkRow {
+                        id: r.col("id")?,
+                        device_id: r.col("device_id")?,
+                        exit: r.col("exit_name")?,
+                        min_interval_secs: r.col("min_interval_secs")?,
+                        last_used_at: r.col("last_used_at")?,
+                        uses: r.col("uses")?,
+                        created_at: r.col("created_at")?,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
     }
 
     pub async fn delete_rotation_link(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM rotation_links WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        on_pool!(self, |p| {
+            let r = sqlx::query("DELETE FROM rotation_links WHERE id = $1")
+                .bind(id)
+                .execute(p)
+                .await?;
+            Ok(r.rows_affected() > 0)
+        })
     }
 
     /// Spend one use of a link: a single conditional update, so concurrent
     /// requests cannot both pass the rate limit.
     pub async fn use_rotation_link(&self, token_hash: &str) -> Result<LinkUse, StoreError> {
-        let now = now_ms();
-        let row = sqlx::query(
-            "UPDATE rotation_links SET last_used_at = $1, uses = uses + 1 \
-             WHERE token_hash = $2 AND (last_used_at IS NULL OR last_used_at + min_interval_secs * 1000 <= $1) \
-             RETURNING device_id, exit_name",
-        )
-        .bind(now)
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(r) = row {
-            return Ok(LinkUse::Granted {
-                device_id: r.try_get("device_id")?,
-                exit: r.try_get("exit_name")?,
-            });
-        }
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT last_used_at + min_interval_secs * 1000 FROM rotation_links WHERE token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match next {
-            Some(at) => LinkUse::TooSoon {
-                retry_after_ms: (at - now).max(1),
-            },
-            None => LinkUse::Unknown,
+        on_pool!(self, |p| {
+            let now = now_ms();
+            let row = sqlx::query(
+                "UPDATE rotation_links SET last_used_at = $1, uses = uses + 1 \
+                 WHERE token_hash = $2 AND (last_used_at IS NULL OR last_used_at + min_interval_secs * 1000 <= $1) \
+                 RETURNING device_id, exit_name",
+            )
+            .bind(now)
+            .bind(token_hash)
+            .fetch_optional(p)
+            .await?;
+            if let Some(r) = row {
+                return Ok(LinkUse::Granted {
+                    device_id: r.col("device_id")?,
+                    exit: r.col("exit_name")?,
+                });
+            }
+            let next: Option<i64> = sqlx::query_scalar(
+                "SELECT last_used_at + min_interval_secs * 1000 FROM rotation_links WHERE token_hash = $1",
+            )
+            .bind(token_hash)
+            .fetch_optional(p)
+            .await?;
+            Ok(match next {
+                Some(at) => LinkUse::TooSoon {
+                    retry_after_ms: (at - now).max(1),
+                },
+                None => LinkUse::Unknown,
+            })
         })
     }
 
     // --- device settings ---------------------------------------------------
 
-    pub async fn patch_device(&self, id: &str, p: &DevicePatch) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if exists == 0 {
-            return Ok(false);
-        }
-        if let Some(n) = &p.name {
-            sqlx::query("UPDATE devices SET name = $1 WHERE id = $2")
-                .bind(n)
+    pub async fn patch_device(&self, id: &str, patch: &DevicePatch) -> Result<bool, StoreError> {
+        on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE id = $1")
                 .bind(id)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-        }
-        if let Some(r) = &p.region {
-            sqlx::query("UPDATE devices SET region = $1 WHERE id = $2")
-                .bind(r)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(l) = &p.labels {
-            sqlx::query("UPDATE devices SET labels = $1 WHERE id = $2")
-                .bind(serde_json::to_string(l).unwrap_or_else(|_| "[]".into()))
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(m) = p.maintenance {
-            sqlx::query("UPDATE devices SET maintenance = $1 WHERE id = $2")
-                .bind(m)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(true)
+            if exists == 0 {
+                return Ok(false);
+            }
+            if let Some(n) = &patch.name {
+                sqlx::query("UPDATE devices SET name = $1 WHERE id = $2")
+                    .bind(n)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(r) = &patch.region {
+                sqlx::query("UPDATE devices SET region = $1 WHERE id = $2")
+                    .bind(r)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(l) = &patch.labels {
+                sqlx::query("UPDATE devices SET labels = $1 WHERE id = $2")
+                    .bind(serde_json::to_string(l).unwrap_or_else(|_| "[]".into()))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(m) = patch.maintenance {
+                sqlx::query("UPDATE devices SET maintenance = $1 WHERE id = $2")
+                    .bind(m)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 
     pub async fn set_device_rotation(
@@ -561,62 +590,70 @@ impl Store {
         id: &str,
         r: &DeviceRotation,
     ) -> Result<bool, StoreError> {
-        let res = sqlx::query(
-            "UPDATE devices SET rotation_enabled = $1, rotate_every_secs = $2, rotate_jitter_secs = $3, \
-             rotate_after_requests = $4 WHERE id = $5",
-        )
-        .bind(r.enabled)
-        .bind(r.every_secs)
-        .bind(r.jitter_secs)
-        .bind(r.after_requests)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(res.rows_affected() > 0)
+        on_pool!(self, |p| {
+            let res = sqlx::query(
+                "UPDATE devices SET rotation_enabled = $1, rotate_every_secs = $2, rotate_jitter_secs = $3, \
+                 rotate_after_requests = $4 WHERE id = $5",
+            )
+            .bind(r.enabled)
+            .bind(r.every_secs)
+            .bind(r.jitter_secs)
+            .bind(r.after_requests)
+            .bind(id)
+            .execute(p)
+            .await?;
+            Ok(res.rows_affected() > 0)
+        })
     }
 
-    pub async fn set_label_rotation(&self, p: &LabelRotation) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO label_rotation (label, rotate_every_secs, rotate_jitter_secs, rotate_after_requests) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (label) DO UPDATE SET \
-             rotate_every_secs = excluded.rotate_every_secs, rotate_jitter_secs = excluded.rotate_jitter_secs, \
-             rotate_after_requests = excluded.rotate_after_requests",
-        )
-        .bind(&p.label)
-        .bind(p.every_secs)
-        .bind(p.jitter_secs)
-        .bind(p.after_requests)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    pub async fn set_label_rotation(&self, policy: &LabelRotation) -> Result<(), StoreError> {
+        on_pool!(self, |p| {
+            sqlx::query(
+                "INSERT INTO label_rotation (label, rotate_every_secs, rotate_jitter_secs, rotate_after_requests) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (label) DO UPDATE SET \
+                 rotate_every_secs = excluded.rotate_every_secs, rotate_jitter_secs = excluded.rotate_jitter_secs, \
+                 rotate_after_requests = excluded.rotate_after_requests",
+            )
+            .bind(&policy.label)
+            .bind(policy.every_secs)
+            .bind(policy.jitter_secs)
+            .bind(policy.after_requests)
+            .execute(p)
+            .await?;
+            Ok(())
+        })
     }
 
     pub async fn delete_label_rotation(&self, label: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM label_rotation WHERE label = $1")
-            .bind(label)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        on_pool!(self, |p| {
+            let r = sqlx::query("DELETE FROM label_rotation WHERE label = $1")
+                .bind(label)
+                .execute(p)
+                .await?;
+            Ok(r.rows_affected() > 0)
+        })
     }
 
     pub async fn label_rotations(&self) -> Result<Vec<LabelRotation>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT label, rotate_every_secs, rotate_jitter_secs, rotate_after_requests \
-             FROM label_rotation ORDER BY label",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(LabelRotation {
-                    label: r.try_get("label")?,
-                    every_secs: r.try_get("rotate_every_secs")?,
-                    jitter_secs: r.try_get("rotate_jitter_secs")?,
-                    after_requests: r.try_get("rotate_after_requests")?,
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT label, rotate_every_secs, rotate_jitter_secs, rotate_after_requests \
+                 FROM label_rotation ORDER BY label",
+            )
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(LabelRotation {
+                        label: r.col("label")?,
+                        every_secs: r.col("rotate_every_secs")?,
+                        jitter_secs: r.col("rotate_jitter_secs")?,
+                        after_requests: r.col("rotate_after_requests")?,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
     }
 
     // --- telemetry ---------------------------------------------------------
@@ -627,51 +664,53 @@ impl Store {
         hb: &Heartbeat,
         at: i64,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for e in &hb.exits {
-            let t = &e.telemetry;
-            sqlx::query(
-                "INSERT INTO telemetry (device_id, exit_name, sampled_at, link_up, rssi_dbm, rsrp_dbm, rsrq_db, \
-                 sinr_db, signal_bars, access_tech, band, operator, registration, cell_id, battery_pct, charging, \
-                 temperature_dc, active_flows, load_centi) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-            )
-            .bind(device_id)
-            .bind(&e.name)
-            .bind(at)
-            .bind(e.link_up)
-            .bind(t.rssi_dbm.map(i64::from))
-            .bind(t.rsrp_dbm.map(i64::from))
-            .bind(t.rsrq_db.map(f64::from))
-            .bind(t.sinr_db.map(f64::from))
-            .bind(t.signal_bars.map(i64::from))
-            .bind(&t.access_tech)
-            .bind(&t.band)
-            .bind(&t.operator)
-            .bind(t.registration.map(|r| r.as_str()))
-            .bind(&t.cell_id)
-            .bind(t.battery_pct.map(i64::from))
-            .bind(t.charging)
-            .bind(t.temperature_dc.map(i64::from))
-            .bind(i64::from(hb.active_flows))
-            .bind(i64::from(hb.load_centi))
-            .execute(&mut *tx)
-            .await?;
-        }
-        // The device's operator, as its first exit that knows one says.
-        if let Some(op) = hb
-            .exits
-            .iter()
-            .find_map(|e| e.telemetry.operator.as_deref())
-        {
-            sqlx::query("UPDATE devices SET operator = $1 WHERE id = $2 AND operator <> $1")
-                .bind(op)
+        on_pool!(self, |p| {
+            let mut tx = p.begin().await?;
+            for e in &hb.exits {
+                let t = &e.telemetry;
+                sqlx::query(
+                    "INSERT INTO telemetry (device_id, exit_name, sampled_at, link_up, rssi_dbm, rsrp_dbm, rsrq_db, \
+                     sinr_db, signal_bars, access_tech, band, operator, registration, cell_id, battery_pct, charging, \
+                     temperature_dc, active_flows, load_centi) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+                )
                 .bind(device_id)
+                .bind(&e.name)
+                .bind(at)
+                .bind(e.link_up)
+                .bind(t.rssi_dbm.map(i64::from))
+                .bind(t.rsrp_dbm.map(i64::from))
+                .bind(t.rsrq_db.map(f64::from))
+                .bind(t.sinr_db.map(f64::from))
+                .bind(t.signal_bars.map(i64::from))
+                .bind(&t.access_tech)
+                .bind(&t.band)
+                .bind(&t.operator)
+                .bind(t.registration.map(|r| r.as_str()))
+                .bind(&t.cell_id)
+                .bind(t.battery_pct.map(i64::from))
+                .bind(t.charging)
+                .bind(t.temperature_dc.map(i64::from))
+                .bind(i64::from(hb.active_flows))
+                .bind(i64::from(hb.load_centi))
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            }
+            // The device's operator, as its first exit that knows one says.
+            if let Some(op) = hb
+                .exits
+                .iter()
+                .find_map(|e| e.telemetry.operator.as_deref())
+            {
+                sqlx::query("UPDATE devices SET operator = $1 WHERE id = $2 AND operator <> $1")
+                    .bind(op)
+                    .bind(device_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Samples of a device since `since_ms`, oldest first: the newest
@@ -682,51 +721,55 @@ impl Store {
         since_ms: i64,
         limit: i64,
     ) -> Result<Vec<TelemetryRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM telemetry WHERE device_id = $1 AND sampled_at >= $2 \
-             ORDER BY sampled_at DESC, exit_name DESC LIMIT $3",
-        )
-        .bind(device_id)
-        .bind(since_ms)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .rev()
-            .map(|r| {
-                Ok(TelemetryRow {
-                    exit: r.try_get("exit_name")?,
-                    at: r.try_get("sampled_at")?,
-                    link_up: r.try_get("link_up")?,
-                    rssi_dbm: r.try_get("rssi_dbm")?,
-                    rsrp_dbm: r.try_get("rsrp_dbm")?,
-                    rsrq_db: r.try_get("rsrq_db")?,
-                    sinr_db: r.try_get("sinr_db")?,
-                    signal_bars: r.try_get("signal_bars")?,
-                    access_tech: r.try_get("access_tech")?,
-                    band: r.try_get("band")?,
-                    operator: r.try_get("operator")?,
-                    registration: r.try_get("registration")?,
-                    cell_id: r.try_get("cell_id")?,
-                    battery_pct: r.try_get("battery_pct")?,
-                    charging: r.try_get("charging")?,
-                    temperature_c: r
-                        .try_get::<Option<i64>, _>("temperature_dc")?
-                        .map(|t| t as f64 / 10.0),
-                    active_flows: r.try_get("active_flows")?,
-                    load: r.try_get::<i64, _>("load_centi")? as f64 / 100.0,
+        on_pool!(self, |p| {
+            let rows = sqlx::query(
+                "SELECT * FROM telemetry WHERE device_id = $1 AND sampled_at >= $2 \
+                 ORDER BY sampled_at DESC, exit_name DESC LIMIT $3",
+            )
+            .bind(device_id)
+            .bind(since_ms)
+            .bind(limit)
+            .fetch_all(p)
+            .await?;
+            rows.iter()
+                .rev()
+                .map(|r| {
+                    Ok(TelemetryRow {
+                        exit: r.col("exit_name")?,
+                        at: r.col("sampled_at")?,
+                        link_up: r.col("link_up")?,
+                        rssi_dbm: r.col("rssi_dbm")?,
+                        rsrp_dbm: r.col("rsrp_dbm")?,
+                        rsrq_db: r.col("rsrq_db")?,
+                        sinr_db: r.col("sinr_db")?,
+                        signal_bars: r.col("signal_bars")?,
+                        access_tech: r.col("access_tech")?,
+                        band: r.col("band")?,
+                        operator: r.col("operator")?,
+                        registration: r.col("registration")?,
+                        cell_id: r.col("cell_id")?,
+                        battery_pct: r.col("battery_pct")?,
+                        charging: r.col("charging")?,
+                        temperature_c: r
+                            .col::<Option<i64>>("temperature_dc")?
+                            .map(|t| t as f64 / 10.0),
+                        active_flows: r.col("active_flows")?,
+                        load: r.col::<i64>("load_centi")? as f64 / 100.0,
+                    })
                 })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
     }
 
     /// Drop telemetry samples older than `before_ms`.
     pub async fn prune_telemetry(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let r = sqlx::query("DELETE FROM telemetry WHERE sampled_at < $1")
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected())
+        on_pool!(self, |p| {
+            let r = sqlx::query("DELETE FROM telemetry WHERE sampled_at < $1")
+                .bind(before_ms)
+                .execute(p)
+                .await?;
+            Ok(r.rows_affected())
+        })
     }
 }

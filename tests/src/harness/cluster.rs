@@ -37,6 +37,10 @@ pub struct ClusterOpts {
     /// network namespaces need one they can reach, e.g. a testbed's
     /// internet address.
     pub bind_ip: std::net::IpAddr,
+    /// `--database-url` for the control plane. `None`: SQLite in the data
+    /// directory, unless `CELLGATE_E2E_DATABASE=postgres` asks for a fresh
+    /// database on this process's throwaway PostgreSQL cluster.
+    pub database_url: Option<String>,
 }
 
 /// How to run an agent process: a command prefix (e.g. `ip netns exec NS`),
@@ -66,6 +70,7 @@ impl Default for ClusterOpts {
             config_toml: None,
             customer: ("alice".into(), "alice-secret-1".into()),
             bind_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            database_url: None,
         }
     }
 }
@@ -114,6 +119,7 @@ pub struct Cluster {
     cp: Option<Proc>,
     cp_log: PathBuf,
     data_dir: PathBuf,
+    database_url: Option<String>,
     ready_file: PathBuf,
     config_path: Option<PathBuf>,
     started: Instant,
@@ -135,6 +141,10 @@ impl Cluster {
             p
         });
         let ip = opts.bind_ip;
+        let database_url = opts
+            .database_url
+            .clone()
+            .or_else(|| e2e_database(&opts.name));
         let mut c = Cluster {
             addrs: Addrs {
                 http: (ip, 0).into(),
@@ -149,6 +159,7 @@ impl Cluster {
             cp: None,
             cp_log: dir.join("control-plane.log"),
             data_dir: dir.join("cp-data"),
+            database_url,
             ready_file: dir.join("ready.json"),
             config_path,
             started: Instant::now(),
@@ -186,6 +197,12 @@ impl Cluster {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The control plane's `--database-url`, when not SQLite in the data
+    /// directory.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
     }
 
     /// The admin API with the admin token.
@@ -229,6 +246,9 @@ impl Cluster {
             cmd.arg("--config").arg(p);
         }
         cmd.arg("--data-dir").arg(&self.data_dir);
+        if let Some(url) = &self.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
         cmd
     }
 
@@ -560,6 +580,17 @@ impl Cluster {
     /// The control plane's log so far.
     pub fn cp_log_text(&self) -> String {
         super::process::read_lossy(&self.cp_log)
+    }
+}
+
+/// `CELLGATE_E2E_DATABASE`: `postgres` gives every cluster a fresh
+/// database on the shared throwaway PostgreSQL cluster; unset or `sqlite`
+/// keeps SQLite.
+fn e2e_database(label: &str) -> Option<String> {
+    match std::env::var("CELLGATE_E2E_DATABASE").ok().as_deref() {
+        None | Some("" | "sqlite") => None,
+        Some("postgres") => Some(super::postgres::Postgres::shared().create_database(label)),
+        Some(other) => panic!("CELLGATE_E2E_DATABASE={other:?}: use postgres or sqlite"),
     }
 }
 
