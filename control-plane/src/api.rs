@@ -22,6 +22,7 @@ use crate::store::{DeviceRow, StoreError};
 use crate::tokens;
 
 mod fleet;
+mod plans;
 
 type Shared = Arc<State>;
 
@@ -100,6 +101,7 @@ pub fn router(state: Shared) -> Router {
         .route("/customers/{id}", axum::routing::delete(delete_customer))
         .route("/enroll-tokens", post(create_enroll_token))
         .merge(fleet::admin_routes())
+        .merge(plans::admin_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))

@@ -65,6 +65,10 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         tasks: TaskTracker::new(),
         rotator: Default::default(),
         router: Default::default(),
+        limiter: crate::limits::Limiter::new(crate::limits::LimiterConfig::default()),
+        usage: crate::usage::Usage::new(100_000),
+        plans: Default::default(),
+        default_plan: std::sync::Arc::new(crate::store::PlanRow::unlimited()),
     });
     let endpoint = crate::agents::endpoint(&state)
         .with_context(|| format!("binding QUIC on {}", state.cfg.quic_listen))?;
@@ -173,6 +177,9 @@ impl App {
             self.state.tasks.wait().await;
         })
         .await;
+        // Flows that ended during the grace period are in memory only.
+        crate::rotation::flush_counters(&self.state).await;
+        crate::rotation::flush_usage(&self.state).await;
         self.state.store.close().await;
         let _ = std::fs::remove_file(self.state.cfg.data_dir.join(tokens::RUNTIME_FILE));
         info!("stopped");

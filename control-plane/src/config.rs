@@ -113,6 +113,8 @@ pub struct FleetSettings {
     /// Exit counters (requests, bytes) are written to the database this
     /// often; a crash loses at most one interval of them.
     pub counters_flush_secs: u64,
+    /// Request-log rows older than this many days are deleted.
+    pub request_log_retention_days: u64,
 }
 
 impl Default for FleetSettings {
@@ -121,6 +123,7 @@ impl Default for FleetSettings {
             telemetry_sample_secs: 60,
             telemetry_retention_hours: 24,
             counters_flush_secs: 5,
+            request_log_retention_days: 30,
         }
     }
 }

@@ -160,6 +160,39 @@ impl HandshakeGate {
 }
 
 /// Accept customers until shutdown; each connection is its own task.
+/// Relay a customer's connection over its flow, paced by the plan's
+/// bandwidth limits. When the customer is locked out, banned or out of
+/// quota, the connection is shut down; the relay then ends and its byte
+/// counts still reach the accounting.
+pub(crate) async fn relay_flow(
+    tcp: &tokio::net::TcpStream,
+    flow: &mut exit::Flow,
+    pending: bytes::Bytes,
+) -> shared::quic::relay::RelayStats {
+    let cancel = flow.admission.cancel_token().clone();
+    let throttle = flow.admission.throttle();
+    let relay = shared::quic::relay::relay_throttled(
+        tcp,
+        &mut flow.send,
+        &mut flow.recv,
+        pending,
+        throttle
+            .as_deref()
+            .map(|t| t as &dyn shared::quic::relay::Throttle),
+    );
+    tokio::pin!(relay);
+    tokio::select! {
+        stats = &mut relay => stats,
+        _ = cancel.cancelled() => {
+            info!("closing the connection: the customer's access was revoked");
+            let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
+            tokio::time::timeout(Duration::from_secs(5), relay)
+                .await
+                .unwrap_or_default()
+        }
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     protocol: Protocol,

@@ -80,6 +80,8 @@ pub struct Rotator {
     /// hot path.
     after_requests: Mutex<HashMap<String, Arc<AtomicU64>>>,
     triggers: Mutex<Option<mpsc::UnboundedSender<Trigger>>>,
+    /// Customers whose month usage the limiter has been told.
+    quota_loaded: Mutex<HashSet<String>>,
 }
 
 struct Inflight<'a> {
@@ -583,6 +585,10 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
                     }
                 }
                 due_rotations(&state);
+                state.limiter.tick(crate::limits::Now::system());
+                for ev in state.limiter.take_events() {
+                    info!(event = ?ev, "customer limit event");
+                }
                 if last_recheck.elapsed() >= recheck_every {
                     last_recheck = Instant::now();
                     recheck_failed(&state);
@@ -590,6 +596,7 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
                 if last_flush.elapsed() >= flush_every {
                     last_flush = Instant::now();
                     flush_counters(&state).await;
+                    flush_usage(&state).await;
                 }
                 if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
                     last_prune = Some(Instant::now());
@@ -599,14 +606,47 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
                         Ok(_) => {}
                         Err(e) => warn!("pruning telemetry failed: {e}"),
                     }
+                    let keep = state.cfg.fleet.request_log_retention_days as i64 * 86_400_000;
+                    match state.store.prune_request_log(now_ms() - keep).await {
+                        Ok(n) if n > 0 => info!(rows = n, "pruned old request-log rows"),
+                        Ok(_) => {}
+                        Err(e) => warn!("pruning the request log failed: {e}"),
+                    }
                 }
             }
         }
     }
     flush_counters(&state).await;
+    flush_usage(&state).await;
+}
+
+/// Write the usage table and the request log; on failure keep them for the
+/// next flush.
+pub async fn flush_usage(state: &State) {
+    let (usage, log) = state.usage.take();
+    if usage.is_empty() && log.is_empty() {
+        return;
+    }
+    if let Err(e) = state.store.add_usage(&usage).await {
+        warn!("writing usage failed (kept for the next flush): {e}");
+        state.usage.restore(usage, log);
+        return;
+    }
+    if let Err(e) = state.store.insert_request_log(&log).await {
+        warn!("writing the request log failed (kept for the next flush): {e}");
+        state.usage.restore(Vec::new(), log);
+    }
 }
 
 async fn refresh_policies(state: &State) -> Result<(), StoreError> {
+    let plans = state.store.plans().await?;
+    if let Ok(mut m) = state.plans.write() {
+        *m = plans
+            .into_iter()
+            .map(|p| (p.id.clone(), Arc::new(p)))
+            .collect();
+    }
+    load_quotas(state).await?;
     let devices = state.store.devices().await?;
     let labels = state.store.label_rotations().await?;
     let default_every = state.cfg.rotation.default_every_secs;
@@ -647,6 +687,37 @@ async fn refresh_policies(state: &State) -> Result<(), StoreError> {
     for id in changed {
         for e in state.registry.device_exits(&id) {
             state.rotator.reschedule(&(id.clone(), e.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Tell the limiter each quota customer's usage this month, once per
+/// customer and process (it counts from there).
+async fn load_quotas(state: &State) -> Result<(), StoreError> {
+    let customers = state.store.customers().await?;
+    let month_day = crate::usage::day_of(crate::store::month_start_ms(now_ms()));
+    for c in customers.iter().filter(|c| c.parent_id.is_none()) {
+        let plan = state.plan_for(c.plan_id.as_deref());
+        if plan.limits.quota_bytes.is_none()
+            || state
+                .rotator
+                .quota_loaded
+                .lock()
+                .map(|s| s.contains(&c.id))
+                .unwrap_or(true)
+        {
+            continue;
+        }
+        let used = state.store.customer_bytes_since(&c.id, month_day).await? + {
+            let p = state.usage.pending_of(&c.id);
+            p.bytes_up + p.bytes_down
+        };
+        state
+            .limiter
+            .load_usage(&c.id, &plan.limits, used, crate::limits::Now::system());
+        if let Ok(mut s) = state.rotator.quota_loaded.lock() {
+            s.insert(c.id.clone());
         }
     }
     Ok(())

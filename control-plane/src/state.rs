@@ -41,6 +41,13 @@ pub struct State {
     pub tasks: TaskTracker,
     pub rotator: crate::rotation::Rotator,
     pub router: crate::routing::Router,
+    pub limiter: crate::limits::Limiter,
+    pub usage: crate::usage::Usage,
+    /// Plans by id, refreshed from the store every few seconds.
+    pub plans:
+        std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<crate::store::PlanRow>>>,
+    /// The plan of customers without one: no limits.
+    pub default_plan: std::sync::Arc<crate::store::PlanRow>,
 }
 
 impl State {
@@ -79,6 +86,13 @@ impl State {
             .map(|a| a.api.port())
             .unwrap_or(self.cfg.api_listen.port());
         format!("http://{host}:{port}")
+    }
+
+    /// The plan a customer connects under.
+    pub fn plan_for(&self, plan_id: Option<&str>) -> std::sync::Arc<crate::store::PlanRow> {
+        plan_id
+            .and_then(|id| self.plans.read().ok().and_then(|m| m.get(id).cloned()))
+            .unwrap_or_else(|| self.default_plan.clone())
     }
 
     /// The control plane's check for customer targets.

@@ -44,7 +44,9 @@ macro_rules! on_pool {
 }
 
 mod fleet;
+mod plans;
 pub use fleet::*;
+pub use plans::*;
 
 /// The SQLite file in the data directory when no `database_url` is set.
 pub const DB_FILE: &str = "cellgate.db";
@@ -234,6 +236,11 @@ pub struct CustomerRow {
     pub password_hash: String,
     pub disabled: bool,
     pub created_at: i64,
+    pub plan_id: Option<String>,
+    /// The customer's access ends then (Unix ms), whatever the plan.
+    pub expires_at: Option<i64>,
+    /// A sub-user's parent: limits and quota are the parent's.
+    pub parent_id: Option<String>,
 }
 
 /// Fields a device reports when it connects.
@@ -291,6 +298,9 @@ fn customer_from(r: &impl Columns) -> Result<CustomerRow, sqlx::Error> {
         password_hash: r.col("password_hash")?,
         disabled: r.col("disabled")?,
         created_at: r.col("created_at")?,
+        plan_id: r.col("plan_id")?,
+        expires_at: r.col("expires_at")?,
+        parent_id: r.col("parent_id")?,
     })
 }
 
@@ -638,6 +648,9 @@ impl Store {
             password_hash: password_hash.to_string(),
             disabled: false,
             created_at: now,
+            plan_id: None,
+            expires_at: None,
+            parent_id: None,
         })
     }
 
@@ -660,7 +673,7 @@ impl Store {
     pub async fn customers(&self) -> Result<Vec<CustomerRow>, StoreError> {
         on_pool!(self, |p| {
             let rows = sqlx::query(
-                "SELECT id, username, password_hash, disabled, created_at FROM customers ORDER BY created_at, id",
+                "SELECT id, username, password_hash, disabled, created_at, plan_id, expires_at, parent_id FROM customers ORDER BY created_at, id",
             )
             .fetch_all(p)
             .await?;
@@ -674,7 +687,7 @@ impl Store {
     ) -> Result<Option<CustomerRow>, StoreError> {
         on_pool!(self, |p| {
             let row = sqlx::query(
-                "SELECT id, username, password_hash, disabled, created_at FROM customers WHERE username = $1",
+                "SELECT id, username, password_hash, disabled, created_at, plan_id, expires_at, parent_id FROM customers WHERE username = $1",
             )
             .bind(username)
             .fetch_optional(p)

@@ -52,7 +52,16 @@ pub const MAX_CRED_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub customer_id: String,
+    /// The login the password was checked against (the username without
+    /// its routing parameters).
     pub username: String,
+    /// Whose limits and quota apply: the parent of a sub-user, else the
+    /// customer itself.
+    pub account_id: String,
+    pub plan_id: Option<String>,
+    pub expires_at: Option<i64>,
+    /// Targeting and sticky-session parameters from the same parse.
+    pub params: super::principal::RoutingParams,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,6 +72,10 @@ pub enum AuthError {
     Invalid,
     #[error("authentication unavailable")]
     Unavailable,
+    /// The username's routing parameters are malformed; says what to fix
+    /// (independent of whether the account exists).
+    #[error("{0}")]
+    BadParams(String),
 }
 
 /// Brute-force limits. Defaults suit a public proxy port; the caller may
@@ -613,17 +626,29 @@ impl Authenticator {
             self.failed(source, None, None);
             return Err(AuthError::Invalid);
         }
-        let Ok(username) = std::str::from_utf8(username) else {
+        let Ok(full) = std::str::from_utf8(username) else {
             self.failed(source, None, None);
             return Err(AuthError::Invalid);
         };
+        // One parse gives both the login checked below and the routing
+        // parameters returned with it.
+        let parsed = match super::principal::parse_username(full) {
+            Ok(p) => p,
+            Err(e) => {
+                self.failed(source, None, None);
+                return Err(AuthError::BadParams(e.to_string()));
+            }
+        };
+        let username = parsed.login.as_str();
+        let params = parsed.params;
         // Once usernames carry routing parameters, callers pass the login
         // alone here, so varying parameters cannot dodge this count.
         let user = lock(&self.throttle).user_key(username.as_bytes());
         self.admit(source, user)?;
         let digest = self.digest(password);
-        if let Some(p) = self.cached(username, &digest) {
+        if let Some(mut p) = self.cached(username, &digest) {
             lock(&self.throttle).succeeded(source, user, Instant::now());
+            p.params = params;
             return Ok(p);
         }
         let row = self
@@ -639,6 +664,10 @@ impl Authenticator {
                 Some(Principal {
                     customer_id: r.id.clone(),
                     username: r.username.clone(),
+                    account_id: r.parent_id.clone().unwrap_or_else(|| r.id.clone()),
+                    plan_id: r.plan_id.clone(),
+                    expires_at: r.expires_at,
+                    params: Default::default(),
                 }),
             ),
             _ => (self.dummy_hash.clone(), None),
@@ -659,8 +688,9 @@ impl Authenticator {
         // opening many connections at once costs one run per hasher, not
         // one per connection), or strikes may have put the source or the
         // username into backoff (a parallel burst of guesses is cut short).
-        if let Some(p) = self.cached(username, &digest) {
+        if let Some(mut p) = self.cached(username, &digest) {
             lock(&self.throttle).succeeded(source, user, Instant::now());
+            p.params = params;
             return Ok(p);
         }
         self.admit(source, user)?;
@@ -682,6 +712,8 @@ impl Authenticator {
                 drop(cache);
                 drop(permit);
                 lock(&self.throttle).succeeded(source, user, Instant::now());
+                let mut p = p;
+                p.params = params;
                 Ok(p)
             }
             (_, p) => {

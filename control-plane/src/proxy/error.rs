@@ -12,6 +12,12 @@ pub enum ProxyError {
     Denied(String),
     #[error("no exit is online")]
     NoExit,
+    /// Exits are online, but none matches the username's targeting.
+    #[error("no available exit matches {0}")]
+    NoMatch(String),
+    /// A plan limit refused the connection; the text says which.
+    #[error("{}", .0.message)]
+    Limited(crate::limits::Denial),
     /// The exit could not reach the target.
     #[error("exit could not connect ({reason:?}): {message}")]
     Upstream {
@@ -33,7 +39,13 @@ impl ProxyError {
                 reason: RefuseReason::Denied,
                 ..
             } => (403, "Forbidden"),
-            ProxyError::NoExit => (503, "Service Unavailable"),
+            ProxyError::NoExit | ProxyError::NoMatch(_) => (503, "Service Unavailable"),
+            ProxyError::Limited(d) => match d.kind {
+                crate::limits::DenialKind::Threads
+                | crate::limits::DenialKind::ConnRate
+                | crate::limits::DenialKind::LockedOut => (429, "Too Many Requests"),
+                _ => (403, "Forbidden"),
+            },
             ProxyError::Timeout
             | ProxyError::Upstream {
                 reason: RefuseReason::Timeout,
@@ -45,8 +57,10 @@ impl ProxyError {
 
     pub fn socks_reply(&self) -> Reply {
         match self {
-            ProxyError::Denied(_) => Reply::NotAllowed,
-            ProxyError::NoExit | ProxyError::Exit(_) => Reply::GeneralFailure,
+            ProxyError::Denied(_) | ProxyError::Limited(_) => Reply::NotAllowed,
+            ProxyError::NoExit | ProxyError::NoMatch(_) | ProxyError::Exit(_) => {
+                Reply::GeneralFailure
+            }
             ProxyError::Timeout => Reply::HostUnreachable,
             ProxyError::Upstream { reason, .. } => match reason {
                 RefuseReason::Denied => Reply::NotAllowed,

@@ -90,6 +90,15 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
                             &[("Retry-After", "5")],
                             "cellgate: authentication is temporarily unavailable, try again shortly\n",
                         ),
+                        AuthError::BadParams(msg) => {
+                            debug!("username parameters: {msg}");
+                            http_head::simple_response(
+                                407,
+                                "Proxy Authentication Required",
+                                &[("Proxy-Authenticate", "Basic realm=\"cellgate\"")],
+                                &format!("cellgate: {msg}\n"),
+                            )
+                        }
                         AuthError::Invalid => {
                             debug!("proxy authentication missing or wrong");
                             http_head::simple_response(
@@ -106,15 +115,20 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
             };
             let target = head.target.addr().clone();
             let span = info_span!("flow", customer = %principal.username, %target);
+            let access = exit::Access {
+                plan: state.plan_for(principal.plan_id.as_deref()),
+                principal,
+                client: peer.ip(),
+            };
             let keep = match &head.target {
                 RequestTarget::Authority(_) => {
-                    connect_tunnel(&mut tcp, &mut buf, &head, state)
+                    connect_tunnel(&mut tcp, &mut buf, &head, state, &access)
                         .instrument(span)
                         .await;
                     false
                 }
                 RequestTarget::Absolute { .. } => {
-                    forward(&mut tcp, &mut buf, &head, state)
+                    forward(&mut tcp, &mut buf, &head, state, &access)
                         .instrument(span)
                         .await
                 }
@@ -173,8 +187,13 @@ async fn refuse(tcp: &mut TcpStream, e: &ProxyError) {
     log_refusal(e);
     let (status, reason) = e.http_status();
     let body = format!("cellgate: {e}\n");
+    let retry = match e {
+        ProxyError::Limited(d) => d.retry_after.map(|r| r.as_secs().max(1).to_string()),
+        _ => None,
+    };
+    let headers: Vec<(&str, &str)> = retry.iter().map(|r| ("Retry-After", r.as_str())).collect();
     let _ = tcp
-        .write_all(&http_head::simple_response(status, reason, &[], &body))
+        .write_all(&http_head::simple_response(status, reason, &headers, &body))
         .await;
 }
 
@@ -183,6 +202,7 @@ async fn connect_tunnel(
     buf: &mut BytesMut,
     head: &RequestHead,
     state: &State,
+    access: &exit::Access,
 ) {
     if !head.method.eq_ignore_ascii_case("CONNECT") {
         let resp = http_head::simple_response(
@@ -194,7 +214,7 @@ async fn connect_tunnel(
         let _ = tcp.write_all(&resp).await;
         return;
     }
-    let mut flow = match exit::connect(state, head.target.addr()).await {
+    let mut flow = match exit::connect(state, head.target.addr(), access).await {
         Ok(f) => f,
         Err(e) => return refuse(tcp, &e).await,
     };
@@ -213,8 +233,8 @@ async fn connect_tunnel(
         return;
     }
     let pending = std::mem::take(&mut flow.pending);
-    let stats = shared::quic::relay::relay(tcp, &mut flow.send, &mut flow.recv, pending).await;
-    flow.account(stats.to_quic + early, stats.to_tcp);
+    let stats = super::relay_flow(tcp, &mut flow, pending).await;
+    flow.account(state, stats.to_quic + early, stats.to_tcp);
     debug!(device = %flow.device_id(), up = stats.to_quic + early, down = stats.to_tcp, "tunnel done");
 }
 
@@ -225,6 +245,7 @@ async fn forward(
     buf: &mut BytesMut,
     head: &RequestHead,
     state: &State,
+    access: &exit::Access,
 ) -> bool {
     let req_framing = match http_head::request_body_framing(head) {
         Ok(f) => f,
@@ -239,13 +260,18 @@ async fn forward(
             return false;
         }
     };
-    let mut flow = match exit::connect(state, head.target.addr()).await {
+    let mut flow = match exit::connect(state, head.target.addr(), access).await {
         Ok(f) => f,
         Err(e) => {
             refuse(tcp, &e).await;
             return false;
         }
     };
+    if let RequestTarget::Absolute { path_and_query, .. } = &head.target {
+        // The query may carry the customer's own secrets: only the path.
+        let path = path_and_query.split('?').next().unwrap_or("/");
+        flow.set_path(path);
+    }
     let out = http_head::encode_origin_request(head);
     let mut up = out.len() as u64;
     if flow.send.write_all(&out).await.is_err() {
@@ -333,7 +359,7 @@ async fn forward(
     let down = if resp.status == 101 {
         // Protocol switch (e.g. WebSocket): from here on it is a tunnel.
         let pending = rbuf.freeze();
-        let stats = shared::quic::relay::relay(tcp, &mut flow.send, &mut flow.recv, pending).await;
+        let stats = super::relay_flow(tcp, &mut flow, pending).await;
         up += stats.to_quic;
         stats.to_tcp
     } else {
@@ -344,12 +370,12 @@ async fn forward(
                 // The head is out: only a reset tells the customer the body
                 // is incomplete (a FIN would end a close-delimited body).
                 shared::quic::relay::abort_on_close(tcp);
-                flow.account(up, 0);
+                flow.account(state, up, 0);
                 return false;
             }
         }
     };
-    flow.account(up, down + out_head.len() as u64);
+    flow.account(state, up, down + out_head.len() as u64);
     debug!(device = %flow.device_id(), status = resp.status, up, down, "request done");
     keep
 }

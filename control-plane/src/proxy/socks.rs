@@ -67,9 +67,14 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
             }
         };
         let (target, principal) = req;
-        let span = info_span!("flow", customer = %principal, %target);
+        let span = info_span!("flow", customer = %principal.username, %target);
+        let access = exit::Access {
+            plan: state.plan_for(principal.plan_id.as_deref()),
+            principal,
+            client: peer.ip(),
+        };
         async move {
-            let flow = match exit::connect(state, &target).await {
+            let flow = match exit::connect(state, &target, &access).await {
                 Ok(f) => f,
                 Err(e) => {
                     log_refusal(&e);
@@ -89,8 +94,8 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
                 return;
             }
             let pending = std::mem::take(&mut flow.pending);
-            let stats = shared::quic::relay::relay(&tcp, &mut flow.send, &mut flow.recv, pending).await;
-            flow.account(stats.to_quic + early, stats.to_tcp);
+            let stats = super::relay_flow(&tcp, &mut flow, pending).await;
+            flow.account(state, stats.to_quic + early, stats.to_tcp);
             debug!(device = %flow.device_id(), up = stats.to_quic + early, down = stats.to_tcp, "flow done");
         }
         .instrument(span)
@@ -107,7 +112,7 @@ pub(super) fn log_refusal(e: &ProxyError) {
     }
 }
 
-type Accepted = (shared::target::TargetAddr, String);
+type Accepted = (shared::target::TargetAddr, super::auth::Principal);
 
 async fn handshake(
     tcp: &mut TcpStream,
@@ -123,6 +128,11 @@ async fn handshake(
     let creds = read_msg(tcp, buf, socks5::parse_userpass).await?;
     let principal = match state.auth.verify(&creds.username, &creds.password).await {
         Ok(p) => p,
+        Err(AuthError::BadParams(msg)) => {
+            debug!("username parameters: {msg}");
+            tcp.write_all(&socks5::encode_auth_status(false)).await?;
+            return Ok(None);
+        }
         Err(AuthError::Invalid) => {
             debug!(user = %String::from_utf8_lossy(&creds.username), "authentication failed");
             tcp.write_all(&socks5::encode_auth_status(false)).await?;
@@ -151,5 +161,5 @@ async fn handshake(
             .await?;
         return Ok(None);
     }
-    Ok(Some((req.target, principal.username)))
+    Ok(Some((req.target, principal)))
 }
