@@ -21,8 +21,12 @@ use crate::state::State;
 use crate::store::{DeviceRow, StoreError};
 use crate::tokens;
 
+mod access;
+mod accounts;
+mod customer;
 mod fleet;
 mod plans;
+mod ports;
 
 type Shared = Arc<State>;
 
@@ -102,10 +106,14 @@ pub fn router(state: Shared) -> Router {
         .route("/enroll-tokens", post(create_enroll_token))
         .merge(fleet::admin_routes())
         .merge(plans::admin_routes())
+        .merge(access::admin_routes())
+        .merge(accounts::admin_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
         .merge(fleet::public_routes())
+        .merge(ports::routes(state.clone()))
+        .merge(customer::public_routes(state.clone()))
         .route("/openapi.json", get(openapi))
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("route") })
@@ -249,6 +257,13 @@ async fn patch_device(
             )));
         }
     }
+    if p.country.as_ref().is_some_and(|c| {
+        !(c.is_empty() || (c.len() == 2 && c.bytes().all(|b| b.is_ascii_alphabetic())))
+    }) {
+        return Err(ApiError::bad_request(
+            "country must be a two-letter ISO 3166-1 code (or empty)",
+        ));
+    }
     if p.region.as_ref().is_some_and(|r| r.len() > 64) {
         return Err(ApiError::bad_request(
             "region must be at most 64 characters",
@@ -354,9 +369,7 @@ async fn create_customer(
     body: Result<Json<NewCustomer>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(c) = body?;
-    if !valid_username(&c.username) {
-        return Err(ApiError::bad_request(format!("username: {USERNAME_RULE}")));
-    }
+    accounts::check_login(&c.username)?;
     valid_password(&c.password).map_err(ApiError::bad_request)?;
     let pw = c.password.clone();
     let hash = tokio::task::spawn_blocking(move || hash_password(&pw))
@@ -364,7 +377,15 @@ async fn create_customer(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
     let id = format!("cus-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let row = state.store.insert_customer(&id, &c.username, &hash).await?;
+    // Checks the credentials' usernames too, in the same transaction.
+    let row = state
+        .store
+        .insert_account(&id, &c.username, &hash, None)
+        .await
+        .map_err(|e| match e {
+            crate::store::SubUserError::Store(e) => ApiError::from(e),
+            other => ApiError::bad_request(other.to_string()),
+        })?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::to_value(row).unwrap_or(Value::Null)),
@@ -444,6 +465,12 @@ mod tests {
             "GET /ip",
             "GET /rotate/{token}",
             "POST /rotate/{token}",
+            "GET /api/v1/plans",
+            "POST /api/v1/plans",
+            "DELETE /api/v1/plans/{id}",
+            "PATCH /api/v1/customers/{id}/access",
+            "GET /api/v1/customers/{id}/usage",
+            "GET /api/v1/request-log",
             "GET /api/v1/devices",
             "GET /api/v1/devices/{id}",
             "PATCH /api/v1/devices/{id}",
@@ -467,6 +494,28 @@ mod tests {
             "POST /api/v1/customers",
             "DELETE /api/v1/customers/{id}",
             "POST /api/v1/enroll-tokens",
+            "GET /api/v1/customers/{id}/ips",
+            "POST /api/v1/customers/{id}/ips",
+            "DELETE /api/v1/customers/{id}/ips/{cidr}",
+            "POST /api/v1/customers/{id}/ban",
+            "DELETE /api/v1/customers/{id}/ban",
+            "GET /api/v1/bans",
+            "GET /api/v1/customers/{id}/credentials",
+            "POST /api/v1/customers/{id}/credentials",
+            "DELETE /api/v1/credentials/{id}",
+            "GET /api/v1/customers/{id}/sub-users",
+            "POST /api/v1/customers/{id}/sub-users",
+            "GET /api/v1/customers/{id}/api-keys",
+            "POST /api/v1/customers/{id}/api-keys",
+            "DELETE /api/v1/api-keys/{id}",
+            "GET /api/v1/me",
+            "GET /api/v1/me/usage",
+            "GET /api/v1/me/exits",
+            "GET /api/v1/me/sessions",
+            "DELETE /api/v1/me/sessions/{session}",
+            "POST /api/v1/me/sessions/{session}/rotate",
+            "GET /api/v1/ports",
+            "GET /ports",
         ];
         want.sort();
         assert_eq!(got, want);

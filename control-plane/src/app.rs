@@ -105,6 +105,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         shutdown.clone(),
     ));
     servers.spawn(crate::rotation::run(state.clone(), shutdown.clone()));
+    if let Some(range) = state.cfg.ports.range() {
+        servers.spawn(crate::ports::run(state.clone(), range, shutdown.clone()));
+    }
     let router = crate::api::router(state.clone());
     let s = shutdown.clone();
     servers.spawn(async move {

@@ -1,7 +1,7 @@
 //! Control-plane configuration: TOML file, then command-line and
 //! environment overrides, then `validate()` before anything binds.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,6 +55,8 @@ pub struct Config {
     pub rotation: RotationSettings,
     /// Fleet bookkeeping: `[fleet]`.
     pub fleet: FleetSettings,
+    /// Port per exit: `[ports]`.
+    pub ports: PortsSettings,
 }
 
 /// How rotations run. Seed defaults: 600 s schedule, 3 attempts 10 s apart,
@@ -150,7 +152,88 @@ impl Default for Config {
             tunnel_idle_timeout_secs: 30,
             rotation: RotationSettings::default(),
             fleet: FleetSettings::default(),
+            ports: PortsSettings::default(),
         }
+    }
+}
+
+/// Port per exit: each exit gets its own listener port from `range`, kept
+/// across restarts, that speaks HTTP proxy and SOCKS5 and always leaves
+/// through that exit. Off unless `range` is set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortsSettings {
+    /// `"4000-4999"`: the ports exits are given, lowest free first.
+    pub range: Option<String>,
+    /// Address the per-exit listeners bind.
+    pub listen_ip: IpAddr,
+}
+
+impl Default for PortsSettings {
+    fn default() -> Self {
+        Self {
+            range: None,
+            listen_ip: IpAddr::from([0, 0, 0, 0]),
+        }
+    }
+}
+
+/// At most this many per-exit ports: each is a listening socket.
+pub const MAX_EXIT_PORTS: u32 = 4096;
+
+/// An inclusive range of TCP ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    pub fn len(&self) -> u32 {
+        u32::from(self.hi) - u32::from(self.lo) + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Parse `"LO-HI"` (or a single port): `1 <= LO <= HI`, at most
+/// [`MAX_EXIT_PORTS`] ports.
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    let s = s.trim();
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{:?} is not a port number", t.trim()))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo == 0 {
+        return Err("port 0 cannot be in the range".into());
+    }
+    if lo > hi {
+        return Err(format!("the range {lo}-{hi} is backwards"));
+    }
+    let r = PortRange { lo, hi };
+    if r.len() > MAX_EXIT_PORTS {
+        return Err(format!(
+            "the range {lo}-{hi} holds {} ports, at most {MAX_EXIT_PORTS} are allowed",
+            r.len()
+        ));
+    }
+    Ok(r)
+}
+
+impl PortsSettings {
+    /// The parsed range; `None` when port per exit is off. Call after
+    /// `validate()`, which rejects a bad range.
+    pub fn range(&self) -> Option<PortRange> {
+        self.range.as_deref().and_then(|s| parse_port_range(s).ok())
     }
 }
 
@@ -245,6 +328,16 @@ impl Config {
                 return bad(&format!("two TCP listeners share the address {a}"));
             }
         }
+        if let Some(text) = &self.ports.range {
+            let r = parse_port_range(text)
+                .map_err(|e| ConfigError::Invalid(format!("ports.range: {e}")))?;
+            if let Some(a) = ports.iter().find(|a| r.contains(a.port())) {
+                return bad(&format!(
+                    "ports.range {}-{} overlaps the listener {a}",
+                    r.lo, r.hi
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -302,6 +395,43 @@ mod tests {
             ..Config::default()
         };
         assert!(dup.validate().is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse_and_validate() {
+        assert_eq!(
+            parse_port_range("4000-4999"),
+            Ok(PortRange { lo: 4000, hi: 4999 })
+        );
+        assert_eq!(
+            parse_port_range(" 5000 - 5000 "),
+            Ok(PortRange { lo: 5000, hi: 5000 })
+        );
+        assert_eq!(parse_port_range("7000").map(|r| r.len()), Ok(1));
+        assert_eq!(parse_port_range("1-4096").map(|r| r.len()), Ok(4096));
+        for bad in [
+            "",
+            "4999-4000",
+            "0-10",
+            "1-4097",
+            "a-b",
+            "4000-70000",
+            "1-2-3",
+        ] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} parsed");
+        }
+        let c: Config =
+            toml::from_str("[ports]\nrange = \"4000-4999\"\nlisten_ip = \"127.0.0.1\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.ports.range(), Some(PortRange { lo: 4000, hi: 4999 }));
+        assert_eq!(c.ports.listen_ip, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(Config::default().ports.range(), None);
+        // The HTTP proxy listens on 8080 by default.
+        let overlap: Config = toml::from_str("[ports]\nrange = \"8000-8100\"").unwrap();
+        assert!(overlap.validate().is_err());
+        let backwards: Config = toml::from_str("[ports]\nrange = \"5000-4000\"").unwrap();
+        assert!(backwards.validate().is_err());
+        assert!(toml::from_str::<Config>("[ports]\nfirst = 4000").is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod config;
 pub mod demo;
 pub mod limits;
 pub mod pki;
+pub mod ports;
 pub mod proxy;
 pub mod registry;
 pub mod rotation;
@@ -29,5 +30,6 @@ pub mod state;
 pub mod store;
 pub mod tokens;
 pub mod usage;
+pub mod webhooks;
 
 pub use config::Config;

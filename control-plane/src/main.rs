@@ -449,6 +449,10 @@ async fn customer(store: &Store, cmd: CustomerCmd) -> anyhow::Result<()> {
                 "name: {}",
                 control_plane::api::USERNAME_RULE
             );
+            anyhow::ensure!(
+                !control_plane::proxy::principal::login_conflicts_with_params(&name),
+                "name: it contains a routing parameter name (such as country or session) between dashes; choose another"
+            );
             let password = match password {
                 Some(p) => p,
                 None => {

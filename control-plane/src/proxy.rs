@@ -1,6 +1,7 @@
 //! Customer ingress: the HTTP and SOCKS5 proxies, their pure codecs, the
 //! authenticator, and the path from a customer's target to a device exit.
 
+pub mod allowlist;
 pub mod auth;
 pub mod error;
 pub mod exit;
@@ -26,6 +27,8 @@ use crate::state::State;
 pub enum Protocol {
     Http,
     Socks5,
+    /// Either, told apart by the first byte (per-exit ports).
+    Sniff,
 }
 
 /// Bounds on connections that have not authenticated yet (slowloris).
@@ -217,6 +220,19 @@ pub async fn serve_with(
     shutdown: CancellationToken,
     limits: HandshakeLimits,
 ) {
+    serve_pinned(listener, protocol, None, state, shutdown, limits).await
+}
+
+/// [`serve_with`] whose flows all leave through `pinned` (device id, exit
+/// name) when set: a per-exit port ([`crate::ports`]).
+pub async fn serve_pinned(
+    listener: TcpListener,
+    protocol: Protocol,
+    pinned: Option<(String, String)>,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    limits: HandshakeLimits,
+) {
     let gate = HandshakeGate::new(limits);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -256,6 +272,7 @@ pub async fn serve_with(
         shared::quic::relay::enable_keepalive(&tcp);
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let pinned = pinned.clone();
         state.tasks.clone().spawn(auth::for_connection(
             peer.ip(),
             Box::new(slot),
@@ -263,9 +280,16 @@ pub async fn serve_with(
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = async {
+                        let protocol = match protocol {
+                            Protocol::Sniff => {
+                                crate::ports::sniff(&tcp, state.cfg.handshake_timeout()).await
+                            }
+                            p => Some(p),
+                        };
                         match protocol {
-                            Protocol::Http => http::handle(tcp, peer, &state).await,
-                            Protocol::Socks5 => socks::handle(tcp, peer, &state).await,
+                            Some(Protocol::Socks5) => socks::handle(tcp, peer, &state, pinned).await,
+                            Some(_) => http::handle(tcp, peer, &state, pinned).await,
+                            None => {}
                         }
                     } => {}
                 }

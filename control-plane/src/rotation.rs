@@ -586,9 +586,8 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
                 }
                 due_rotations(&state);
                 state.limiter.tick(crate::limits::Now::system());
-                for ev in state.limiter.take_events() {
-                    info!(event = ?ev, "customer limit event");
-                }
+                crate::webhooks::dispatch(&state, state.limiter.take_events());
+                crate::proxy::allowlist::tick(&state);
                 if last_recheck.elapsed() >= recheck_every {
                     last_recheck = Instant::now();
                     recheck_failed(&state);
@@ -827,6 +826,7 @@ mod tests {
             created_at: 0,
             operator: String::new(),
             region: String::new(),
+            country: String::new(),
             labels: labels.iter().map(|s| s.to_string()).collect(),
             maintenance: false,
             rotation,

@@ -73,7 +73,7 @@ impl DeviceAttrs {
     pub fn of(d: &crate::store::DeviceRow) -> Self {
         Self {
             name: d.name.clone(),
-            country: String::new(),
+            country: d.country.clone(),
             region: d.region.clone(),
             operator: d.operator.clone(),
             kind: d.kind.clone(),

@@ -43,10 +43,16 @@ macro_rules! on_pool {
     };
 }
 
+mod access;
+mod accounts;
 mod fleet;
 mod plans;
+mod ports;
+pub use access::*;
+pub use accounts::*;
 pub use fleet::*;
 pub use plans::*;
+pub use ports::*;
 
 /// The SQLite file in the data directory when no `database_url` is set.
 pub const DB_FILE: &str = "cellgate.db";
@@ -214,6 +220,8 @@ pub struct DeviceRow {
     pub created_at: i64,
     pub operator: String,
     pub region: String,
+    /// ISO 3166-1 alpha-2, lowercase; set by an administrator.
+    pub country: String,
     pub labels: Vec<String>,
     pub maintenance: bool,
     pub rotation: DeviceRotation,
@@ -262,7 +270,7 @@ pub fn now_ms() -> i64 {
 }
 
 const DEVICE_COLS: &str = "id, name, cert_fingerprint, disabled, kind, model, hostname, agent_version, last_addr, last_seen_at, connects, created_at, \
-     operator, region, labels, maintenance, rotation_enabled, rotate_every_secs, rotate_jitter_secs, rotate_after_requests";
+     operator, region, country, labels, maintenance, rotation_enabled, rotate_every_secs, rotate_jitter_secs, rotate_after_requests";
 
 fn device_from(r: &impl Columns) -> Result<DeviceRow, sqlx::Error> {
     Ok(DeviceRow {
@@ -280,6 +288,7 @@ fn device_from(r: &impl Columns) -> Result<DeviceRow, sqlx::Error> {
         created_at: r.col("created_at")?,
         operator: r.col("operator")?,
         region: r.col("region")?,
+        country: r.col("country")?,
         labels: serde_json::from_str(&r.col::<String>("labels")?).unwrap_or_default(),
         maintenance: r.col("maintenance")?,
         rotation: DeviceRotation {

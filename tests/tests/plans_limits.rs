@@ -155,6 +155,23 @@ fn targeting_and_sticky_sessions_through_the_username() {
     assert_eq!(requests(&b) - b0, 0);
 
     // Nothing matches: a clear 503; a malformed parameter: 407 saying why.
+    // Countries are set by administrators.
+    let r = api.request(
+        "PATCH",
+        &format!("/api/v1/devices/{b}"),
+        Some(&json!({"country": "DE"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["country"], "de");
+    std::thread::sleep(Duration::from_secs(6));
+    let b1 = requests(&b);
+    let r = through(&format!("{}-country-de", c.user));
+    assert!(r.stdout.ends_with("200"), "{r:?}");
+    assert_eq!(
+        requests(&b) - b1,
+        1,
+        "country targeting picked the German device"
+    );
     let r = through(&format!("{}-country-fr", c.user));
     assert!(
         r.stdout.ends_with("503") && r.stdout.contains("no available exit matches country=fr"),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use control_plane::registry::Counters;
 use control_plane::store::{
     Backend, DevicePatch, DeviceRotation, DeviceSeen, LabelRotation, LinkUse, RotationRow, Store,
-    StoreError, now_ms,
+    StoreError, SubUserError, now_ms,
 };
 use shared::wire::{ExitInfo, ExitStatus, Heartbeat, Registration, Telemetry};
 use tests::{Postgres, TempDir};
@@ -87,6 +87,14 @@ on_both_backends!(
     label_rotation,
     telemetry_round_trip_and_prune,
     two_stores_share_one_database,
+    exit_ports_assign_keep_and_release,
+    racing_port_assignments_get_distinct_ports,
+    credentials_share_the_login_namespace,
+    sub_users_hang_off_one_parent,
+    api_keys_by_hash,
+    allow_lists_per_customer,
+    bans_upsert_expire_and_lift,
+    webhook_urls,
 );
 
 /// The harness itself: a cluster of its own stops on drop and leaves no
@@ -276,6 +284,7 @@ async fn devices_crud_and_patch(b: Backend) {
         region: Some("eu-west".into()),
         labels: Some(vec!["de".into(), "lte".into()]),
         maintenance: Some(true),
+        country: Some("DE".into()),
     };
     assert!(s.patch_device("dev-a", &patch).await.unwrap());
     assert!(!s.patch_device("dev-zzz", &patch).await.unwrap());
@@ -758,4 +767,412 @@ async fn two_stores_share_one_database(b: Backend) {
     ));
     x.close().await;
     y.close().await;
+}
+
+/// Port per exit: lowest free port first, kept, freed with the device.
+async fn exit_ports_assign_keep_and_release(b: Backend) {
+    let db = TestDb::new(b, "exit ports").await;
+    let s = &db.store;
+    enrolled(s, "dev-a").await;
+    enrolled(s, "dev-b").await;
+    assert_eq!(
+        s.assign_exit_port("dev-a", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4000)
+    );
+    assert_eq!(
+        s.assign_exit_port("dev-a", "lte1", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4001)
+    );
+    assert_eq!(
+        s.assign_exit_port("dev-b", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4002)
+    );
+    // Kept on later calls, and by another store on the same database.
+    assert_eq!(
+        s.assign_exit_port("dev-a", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4000)
+    );
+    let other = db.second().await;
+    assert_eq!(
+        other
+            .assign_exit_port("dev-b", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4002)
+    );
+    other.close().await;
+    // The range is full.
+    enrolled(s, "dev-c").await;
+    assert_eq!(
+        s.assign_exit_port("dev-c", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        None
+    );
+    let ports: Vec<(u16, String, String)> = s
+        .exit_ports()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.port, r.device_id, r.exit_name))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            (4000, "dev-a".into(), "lte0".into()),
+            (4001, "dev-a".into(), "lte1".into()),
+            (4002, "dev-b".into(), "lte0".into()),
+        ]
+    );
+    // Releasing a device frees its ports; the lowest is taken again.
+    assert_eq!(s.release_exit_ports("dev-a").await.unwrap(), 2);
+    assert_eq!(
+        s.assign_exit_port("dev-c", "lte0", 4000, 4002)
+            .await
+            .unwrap(),
+        Some(4000)
+    );
+    // Deleting a device frees them too.
+    assert!(s.delete_device("dev-b").await.unwrap());
+    assert!(s.exit_port("dev-b", "lte0").await.unwrap().is_none());
+    // A port outside a changed range is replaced by one inside it.
+    assert_eq!(
+        s.assign_exit_port("dev-c", "lte0", 5000, 5009)
+            .await
+            .unwrap(),
+        Some(5000)
+    );
+    assert_eq!(s.exit_ports().await.unwrap().len(), 1);
+    // An unknown device gets no port.
+    assert!(
+        s.assign_exit_port("dev-x", "lte0", 5000, 5009)
+            .await
+            .is_err()
+    );
+}
+
+/// Two control planes giving ports at once never give one port twice.
+async fn racing_port_assignments_get_distinct_ports(b: Backend) {
+    let db = TestDb::new(b, "racing ports").await;
+    enrolled(&db.store, "dev-a").await;
+    let (x, y) = (db.second().await, db.second().await);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = if i % 2 == 0 { x.clone() } else { y.clone() };
+        // Each exit asked for by both stores.
+        let exit = format!("e{}", i / 2);
+        set.spawn(async move {
+            (
+                exit.clone(),
+                s.assign_exit_port("dev-a", &exit, 7000, 7099).await,
+            )
+        });
+    }
+    let mut got: std::collections::HashMap<String, u16> = Default::default();
+    while let Some(r) = set.join_next().await {
+        let (exit, port) = r.unwrap();
+        let port = port.unwrap().expect("a free port");
+        if let Some(earlier) = got.insert(exit.clone(), port) {
+            assert_eq!(earlier, port, "{exit} given two ports");
+        }
+    }
+    let mut ports: Vec<u16> = db
+        .store
+        .exit_ports()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.port)
+        .collect();
+    ports.sort();
+    assert_eq!(ports, vec![7000, 7001, 7002, 7003]);
+    x.close().await;
+    y.close().await;
+}
+
+async fn credentials_share_the_login_namespace(b: Backend) {
+    let db = TestDb::new(b, "credentials").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "$argon2id$a")
+        .await
+        .unwrap();
+    s.insert_customer("cus-000000000002", "bob", "$argon2id$b")
+        .await
+        .unwrap();
+    let k = s
+        .insert_credential("crd-1", "cus-000000000001", "alice-scraper", "$argon2id$k")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(k.customer_id, "cus-000000000001");
+    // A login is unique across customers and credentials, both ways.
+    for taken in ["alice-scraper", "bob"] {
+        assert!(
+            matches!(
+                s.insert_credential("crd-2", "cus-000000000002", taken, "x")
+                    .await,
+                Err(StoreError::Conflict(_))
+            ),
+            "{taken}"
+        );
+    }
+    assert!(matches!(
+        s.insert_account("cus-000000000009", "alice-scraper", "x", None)
+            .await,
+        Err(SubUserError::Store(StoreError::Conflict(_)))
+    ));
+    assert_eq!(
+        s.insert_credential("crd-3", "cus-nobody", "carol", "x")
+            .await
+            .unwrap(),
+        None
+    );
+    let (owner, hash) = s
+        .credential_by_username("alice-scraper")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (owner.id.as_str(), hash.as_str()),
+        ("cus-000000000001", "$argon2id$k")
+    );
+    assert!(s.credential_by_username("alice").await.unwrap().is_none());
+    assert_eq!(s.credentials_of("cus-000000000001").await.unwrap(), [k]);
+    assert!(
+        s.credentials_of("cus-000000000002")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        s.delete_credential("crd-1").await.unwrap().as_deref(),
+        Some("alice-scraper")
+    );
+    assert_eq!(s.delete_credential("crd-1").await.unwrap(), None);
+    // Deleting the owner deletes its credentials.
+    s.insert_credential("crd-4", "cus-000000000002", "bob-2", "x")
+        .await
+        .unwrap()
+        .unwrap();
+    s.delete_customer("bob").await.unwrap();
+    assert!(s.credential_by_username("bob-2").await.unwrap().is_none());
+}
+
+async fn sub_users_hang_off_one_parent(b: Backend) {
+    let db = TestDb::new(b, "sub-users").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "x")
+        .await
+        .unwrap();
+    let sub = s
+        .insert_account(
+            "cus-000000000002",
+            "alice-team",
+            "y",
+            Some("cus-000000000001"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.parent_id.as_deref(), Some("cus-000000000001"));
+    assert!(matches!(
+        s.insert_account("cus-000000000003", "deeper", "z", Some("cus-000000000002"))
+            .await,
+        Err(SubUserError::ParentIsSubUser)
+    ));
+    assert!(matches!(
+        s.insert_account("cus-000000000004", "orphan", "z", Some("cus-nobody"))
+            .await,
+        Err(SubUserError::NoParent)
+    ));
+    assert!(matches!(
+        s.insert_account(
+            "cus-000000000005",
+            "alice-team",
+            "z",
+            Some("cus-000000000001")
+        )
+        .await,
+        Err(SubUserError::Store(StoreError::Conflict(_)))
+    ));
+    let subs = s.sub_users("cus-000000000001").await.unwrap();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0].username, "alice-team");
+    assert!(s.sub_users("cus-000000000002").await.unwrap().is_empty());
+    let row = s.customer_by_id("cus-000000000002").await.unwrap().unwrap();
+    assert_eq!(row.parent_id.as_deref(), Some("cus-000000000001"));
+}
+
+async fn api_keys_by_hash(b: Backend) {
+    let db = TestDb::new(b, "api-keys").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "x")
+        .await
+        .unwrap();
+    let k = s
+        .insert_api_key("key-1", "cus-000000000001", "laptop", "h1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(k.last_used_at, None);
+    assert_eq!(
+        s.insert_api_key("key-2", "cus-nobody", "x", "h2")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(matches!(
+        s.insert_api_key("key-3", "cus-000000000001", "dup", "h1")
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let before = now_ms();
+    let c = s.customer_by_api_key("h1").await.unwrap().unwrap();
+    assert_eq!(c.id, "cus-000000000001");
+    assert!(s.customer_by_api_key("nope").await.unwrap().is_none());
+    let listed = s.api_keys_of("cus-000000000001").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].label, "laptop");
+    assert!(listed[0].last_used_at.is_some_and(|t| t >= before));
+    assert!(s.delete_api_key("key-1").await.unwrap());
+    assert!(!s.delete_api_key("key-1").await.unwrap());
+    assert!(s.customer_by_api_key("h1").await.unwrap().is_none());
+}
+
+async fn allow_lists_per_customer(b: Backend) {
+    let db = TestDb::new(b, "allow-lists").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "x")
+        .await
+        .unwrap();
+    s.insert_customer("cus-000000000002", "bob", "x")
+        .await
+        .unwrap();
+    let row = s
+        .add_customer_ip("cus-000000000001", "10.0.0.0/24")
+        .await
+        .unwrap();
+    assert_eq!(row.cidr, "10.0.0.0/24");
+    s.add_customer_ip("cus-000000000001", "2001:db8::/32")
+        .await
+        .unwrap();
+    s.add_customer_ip("cus-000000000002", "127.0.0.1/32")
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.add_customer_ip("cus-000000000001", "10.0.0.0/24").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let mine: Vec<String> = s
+        .customer_ips("cus-000000000001")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.cidr)
+        .collect();
+    assert_eq!(mine.len(), 2);
+    assert!(mine.contains(&"10.0.0.0/24".to_string()));
+    let all: Vec<(String, String)> = s
+        .all_customer_ips()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.customer_id, r.cidr))
+        .collect();
+    assert_eq!(all.len(), 3);
+    assert!(all.contains(&("cus-000000000002".into(), "127.0.0.1/32".into())));
+    assert!(
+        s.delete_customer_ip("cus-000000000001", "10.0.0.0/24")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.delete_customer_ip("cus-000000000001", "10.0.0.0/24")
+            .await
+            .unwrap()
+    );
+    // Deleting the customer takes its networks along.
+    assert!(s.delete_customer("bob").await.unwrap().is_some());
+    assert_eq!(s.all_customer_ips().await.unwrap().len(), 1);
+}
+
+async fn bans_upsert_expire_and_lift(b: Backend) {
+    let db = TestDb::new(b, "bans").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "x")
+        .await
+        .unwrap();
+    s.insert_customer("cus-000000000002", "bob", "x")
+        .await
+        .unwrap();
+    let now = now_ms();
+    s.set_ban("cus-000000000001", None, "abuse").await.unwrap();
+    s.set_ban("cus-000000000002", Some(now + 60_000), "late payment")
+        .await
+        .unwrap();
+    assert_eq!(s.active_bans(now).await.unwrap().len(), 2);
+    // Past its end a ban no longer counts.
+    assert_eq!(s.active_bans(now + 120_000).await.unwrap().len(), 1);
+    // A second ban replaces the first.
+    s.set_ban("cus-000000000001", Some(now + 1_000), "reviewed")
+        .await
+        .unwrap();
+    let bans = s.active_bans(now).await.unwrap();
+    let alice = bans
+        .iter()
+        .find(|b| b.customer_id == "cus-000000000001")
+        .unwrap();
+    assert_eq!(
+        (alice.until_at, alice.reason.as_str()),
+        (Some(now + 1_000), "reviewed")
+    );
+    // Another control plane on the same database sees them.
+    let other = db.second().await;
+    assert_eq!(other.active_bans(now).await.unwrap().len(), 2);
+    assert!(s.lift_ban("cus-000000000001").await.unwrap());
+    assert!(!s.lift_ban("cus-000000000001").await.unwrap());
+    let left: Vec<String> = other
+        .active_bans(now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.customer_id)
+        .collect();
+    assert_eq!(left, ["cus-000000000002"]);
+}
+
+async fn webhook_urls(b: Backend) {
+    let db = TestDb::new(b, "webhooks").await;
+    let s = &db.store;
+    s.insert_customer("cus-000000000001", "alice", "x")
+        .await
+        .unwrap();
+    assert_eq!(s.customer_webhook("cus-000000000001").await.unwrap(), None);
+    assert!(
+        s.set_customer_webhook("cus-000000000001", Some("http://127.0.0.1:9/hook"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.customer_webhook("cus-000000000001")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("http://127.0.0.1:9/hook")
+    );
+    assert!(
+        s.set_customer_webhook("cus-000000000001", None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.customer_webhook("cus-000000000001").await.unwrap(), None);
+    assert!(!s.set_customer_webhook("cus-nobody", None).await.unwrap());
+    assert_eq!(s.customer_webhook("cus-nobody").await.unwrap(), None);
 }

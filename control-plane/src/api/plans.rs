@@ -126,6 +126,10 @@ struct AccessPatch {
     #[serde(default, with = "serde_with_none")]
     expires_at: Option<Option<i64>>,
     disabled: Option<bool>,
+    /// Where limit events are POSTed (`http://…`; `https://` is stored
+    /// but not delivered to yet).
+    #[serde(default, with = "serde_with_none")]
+    webhook_url: Option<Option<String>>,
 }
 
 /// Deserialize "absent" as `None` and `null` as `Some(None)`.
@@ -147,6 +151,13 @@ async fn patch_access(
     body: Result<Json<AccessPatch>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
     let Json(b) = body?;
+    if let Some(Some(u)) = &b.webhook_url
+        && !crate::webhooks::valid_url(u)
+    {
+        return Err(ApiError::bad_request(
+            "webhook_url must be an http:// or https:// URL with a host",
+        ));
+    }
     let plan_id = match &b.plan {
         Some(Some(p)) => Some(Some(
             state
@@ -175,8 +186,18 @@ async fn patch_access(
             b.disabled,
         )
         .await?;
+    if let Some(url) = &b.webhook_url {
+        state
+            .store
+            .set_customer_webhook(&customer.id, url.as_deref())
+            .await?;
+    }
     // Cached credentials carry the plan and expiry: forget them.
     state.auth.invalidate(&customer.username);
+    // So do allow-listed sources.
+    if let Err(e) = crate::proxy::allowlist::refresh(&state).await {
+        tracing::warn!("reloading allow lists failed: {e}");
+    }
     let c = state
         .store
         .customers()
@@ -190,6 +211,7 @@ async fn patch_access(
         "disabled": c.disabled,
         "plan_id": c.plan_id,
         "expires_at": c.expires_at,
+        "webhook_url": state.store.customer_webhook(&c.id).await?,
     })))
 }
 

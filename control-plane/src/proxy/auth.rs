@@ -656,20 +656,55 @@ impl Authenticator {
             .customer_by_username(username)
             .await
             .map_err(|_| AuthError::Unavailable)?;
+        // A login no customer has may be a credential: it authenticates as
+        // its owner, with its own hash, and is accounted under the login.
+        let row = match row {
+            Some(r) => Some((r.password_hash.clone(), r)),
+            None => self
+                .store
+                .credential_by_username(username)
+                .await
+                .map_err(|_| AuthError::Unavailable)?
+                .map(|(owner, phc)| (phc, owner)),
+        };
+        // A sub-user connects under its parent's plan and expiry; a missing
+        // or disabled parent disables it.
+        let parent = match row.as_ref().and_then(|(_, r)| r.parent_id.as_deref()) {
+            Some(pid) => Some(
+                self.store
+                    .customer_by_id(pid)
+                    .await
+                    .map_err(|_| AuthError::Unavailable)?
+                    .filter(|p| !p.disabled),
+            ),
+            None => None,
+        };
         // Unknown users cost the same argon2 run as wrong passwords, so
         // response timing does not reveal which usernames exist.
         let (phc, principal) = match &row {
-            Some(r) if !r.disabled => (
-                r.password_hash.clone(),
-                Some(Principal {
-                    customer_id: r.id.clone(),
-                    username: r.username.clone(),
-                    account_id: r.parent_id.clone().unwrap_or_else(|| r.id.clone()),
-                    plan_id: r.plan_id.clone(),
-                    expires_at: r.expires_at,
-                    params: Default::default(),
-                }),
-            ),
+            Some((phc, r)) if !r.disabled && !matches!(parent, Some(None)) => {
+                let (plan_id, expires_at) = match parent.as_ref().and_then(|p| p.as_ref()) {
+                    Some(p) => (
+                        p.plan_id.clone(),
+                        match (r.expires_at, p.expires_at) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        },
+                    ),
+                    None => (r.plan_id.clone(), r.expires_at),
+                };
+                (
+                    phc.clone(),
+                    Some(Principal {
+                        customer_id: r.id.clone(),
+                        username: username.to_string(),
+                        account_id: r.parent_id.clone().unwrap_or_else(|| r.id.clone()),
+                        plan_id,
+                        expires_at,
+                        params: Default::default(),
+                    }),
+                )
+            }
             _ => (self.dummy_hash.clone(), None),
         };
         let pw = password.to_vec();

@@ -27,10 +27,22 @@ pub struct Access {
     pub principal: Principal,
     pub plan: std::sync::Arc<PlanRow>,
     pub client: std::net::IpAddr,
+    /// (device id, exit name) when the customer came in on that exit's own
+    /// port ([`crate::ports`]): the flow leaves there or nowhere, whatever
+    /// the username asks for.
+    pub pinned: Option<(String, String)>,
 }
 
 impl Access {
     fn filter(&self) -> Filter {
+        if let Some((device, exit)) = &self.pinned {
+            return Filter {
+                device: Some(device.clone()),
+                exit: Some(exit.clone()),
+                allowed_labels: self.plan.allowed_labels.clone(),
+                ..Filter::default()
+            };
+        }
         let p = &self.principal.params;
         Filter {
             country: p.country.clone(),
@@ -166,13 +178,17 @@ pub async fn connect(
         .map_err(ProxyError::Limited)?;
     let filter = access.filter();
     let params = &access.principal.params;
-    let session = params.session.as_deref().map(|s| {
-        (
-            access.principal.customer_id.as_str(),
-            s,
-            params.ttl.unwrap_or(DEFAULT_SESSION_TTL),
-        )
-    });
+    let session = params
+        .session
+        .as_deref()
+        .filter(|_| access.pinned.is_none())
+        .map(|s| {
+            (
+                access.principal.customer_id.as_str(),
+                s,
+                params.ttl.unwrap_or(DEFAULT_SESSION_TTL),
+            )
+        });
     let mut tried: Vec<(String, String)> = Vec::new();
     let mut last = ProxyError::NoExit;
     for attempt in 0..=MAX_RETRIES {
@@ -184,7 +200,12 @@ pub async fn connect(
             exclude: &tried,
         };
         let Some((route, sticky)) = state.router.pick(&state.registry, &want) else {
-            if attempt == 0 && filter != Filter::default() && state.registry.online_count() > 0 {
+            // A pinned exit that is away is the usual "no exit".
+            if attempt == 0
+                && access.pinned.is_none()
+                && filter != Filter::default()
+                && state.registry.online_count() > 0
+            {
                 last = ProxyError::NoMatch(describe(&filter));
             }
             break;

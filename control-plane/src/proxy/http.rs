@@ -33,7 +33,14 @@ enum HeadRead {
     TimedOut,
 }
 
-pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
+/// `pinned`: the (device id, exit name) of a per-exit port
+/// ([`crate::ports`]), else `None`.
+pub async fn handle(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    state: &State,
+    pinned: Option<(String, String)>,
+) {
     let span = info_span!("http", %peer);
     async move {
         let mut buf = BytesMut::new();
@@ -76,7 +83,12 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
                         .await
                         .unwrap_or(Err(AuthError::Unavailable))
                 }
-                _ => Err(AuthError::Invalid),
+                // Software that cannot send credentials: its source
+                // address may stand for them.
+                ProxyAuth::Missing => {
+                    super::allowlist::lookup(state, peer.ip()).ok_or(AuthError::Invalid)
+                }
+                ProxyAuth::Malformed => Err(AuthError::Invalid),
             };
             let principal = match user {
                 Ok(p) => p,
@@ -119,6 +131,7 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
                 plan: state.plan_for(principal.plan_id.as_deref()),
                 principal,
                 client: peer.ip(),
+                pinned: pinned.clone(),
             };
             let keep = match &head.target {
                 RequestTarget::Authority(_) => {
@@ -363,7 +376,14 @@ async fn forward(
         up += stats.to_quic;
         stats.to_tcp
     } else {
-        match body_to_client(&mut flow.recv, &mut rbuf, tcp, framing).await {
+        // A ban, lockout or used-up quota ends a download in progress, as
+        // it ends a tunnel.
+        let cancel = flow.admission.cancel_token().clone();
+        let body = tokio::select! {
+            r = body_to_client(&mut flow.recv, &mut rbuf, tcp, framing) => r,
+            _ = cancel.cancelled() => Err(io::Error::other("the customer's access was revoked")),
+        };
+        match body {
             Ok(n) => n,
             Err(e) => {
                 debug!("response body: {e}");

@@ -49,12 +49,19 @@ async fn read_msg<T>(
     }
 }
 
-pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
+/// `pinned`: the (device id, exit name) of a per-exit port
+/// ([`crate::ports`]), else `None`.
+pub async fn handle(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    state: &State,
+    pinned: Option<(String, String)>,
+) {
     let span = info_span!("socks5", %peer);
     async move {
         let mut buf = BytesMut::new();
         let deadline = state.cfg.handshake_timeout();
-        let req = match tokio::time::timeout(deadline, handshake(&mut tcp, &mut buf, state)).await {
+        let req = match tokio::time::timeout(deadline, handshake(&mut tcp, &mut buf, state, peer)).await {
             Ok(Ok(Some(req))) => req,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -72,6 +79,7 @@ pub async fn handle(mut tcp: TcpStream, peer: SocketAddr, state: &State) {
             plan: state.plan_for(principal.plan_id.as_deref()),
             principal,
             client: peer.ip(),
+            pinned,
         };
         async move {
             let flow = match exit::connect(state, &target, &access).await {
@@ -118,13 +126,50 @@ async fn handshake(
     tcp: &mut TcpStream,
     buf: &mut BytesMut,
     state: &State,
+    peer: SocketAddr,
 ) -> Result<Option<Accepted>, Handshake> {
     let greeting = read_msg(tcp, buf, socks5::parse_greeting).await?;
-    let method = socks5::select_method(&greeting);
+    // NO-AUTH only for an allow-listed source (software that cannot send
+    // credentials); everyone else gets 0xFF for it as before.
+    let by_source = match greeting.methods.contains(&socks5::METHOD_NONE) {
+        true => super::allowlist::lookup(state, peer.ip()),
+        false => None,
+    };
+    let method = socks5::select_method_for(&greeting, by_source.is_some());
     tcp.write_all(&socks5::encode_method_choice(method)).await?;
-    if method != socks5::METHOD_USERPASS {
+    let principal = match (method, by_source) {
+        (socks5::METHOD_NONE, Some(p)) => p,
+        (socks5::METHOD_USERPASS, _) => match userpass(tcp, buf, state).await? {
+            Some(p) => p,
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let req = match read_msg(tcp, buf, socks5::parse_request).await {
+        Ok(r) => r,
+        Err(Handshake::Protocol(e)) => {
+            if let Some(reply) = e.reply() {
+                tcp.write_all(&socks5::encode_reply(reply, None)).await?;
+            }
+            return Err(Handshake::Protocol(e));
+        }
+        Err(e) => return Err(e),
+    };
+    if req.command != Command::Connect {
+        tcp.write_all(&socks5::encode_reply(Reply::CommandNotSupported, None))
+            .await?;
         return Ok(None);
     }
+    Ok(Some((req.target, principal)))
+}
+
+/// RFC 1929: read and check the credentials, answer the status; `None`
+/// when the client is turned away.
+async fn userpass(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    state: &State,
+) -> Result<Option<super::auth::Principal>, Handshake> {
     let creds = read_msg(tcp, buf, socks5::parse_userpass).await?;
     let principal = match state.auth.verify(&creds.username, &creds.password).await {
         Ok(p) => p,
@@ -146,20 +191,5 @@ async fn handshake(
         }
     };
     tcp.write_all(&socks5::encode_auth_status(true)).await?;
-    let req = match read_msg(tcp, buf, socks5::parse_request).await {
-        Ok(r) => r,
-        Err(Handshake::Protocol(e)) => {
-            if let Some(reply) = e.reply() {
-                tcp.write_all(&socks5::encode_reply(reply, None)).await?;
-            }
-            return Err(Handshake::Protocol(e));
-        }
-        Err(e) => return Err(e),
-    };
-    if req.command != Command::Connect {
-        tcp.write_all(&socks5::encode_reply(Reply::CommandNotSupported, None))
-            .await?;
-        return Ok(None);
-    }
-    Ok(Some((req.target, principal)))
+    Ok(Some(principal))
 }

@@ -198,8 +198,17 @@ pub fn parse_greeting(buf: &[u8]) -> Result<Option<(Greeting, usize)>, SocksErro
 /// when the client also offers "no authentication": an open SOCKS port
 /// would be an open proxy.
 pub fn select_method(greeting: &Greeting) -> u8 {
+    select_method_for(greeting, false)
+}
+
+/// Like [`select_method`], but also accepts NO-AUTH when `source_allowed`
+/// (the client's address is allow-listed). Credentials still win when the
+/// client offers both.
+pub fn select_method_for(greeting: &Greeting, source_allowed: bool) -> u8 {
     if greeting.methods.contains(&METHOD_USERPASS) {
         METHOD_USERPASS
+    } else if source_allowed && greeting.methods.contains(&METHOD_NONE) {
+        METHOD_NONE
     } else {
         NO_ACCEPTABLE_METHOD
     }
@@ -467,6 +476,19 @@ mod tests {
             };
             assert_eq!(select_method(&g), *want, "{methods:02x?}");
         }
+        let g = |m: &[u8]| Greeting {
+            methods: m.to_vec(),
+        };
+        assert_eq!(select_method_for(&g(&[METHOD_NONE]), true), METHOD_NONE);
+        assert_eq!(
+            select_method_for(&g(&[METHOD_NONE]), false),
+            NO_ACCEPTABLE_METHOD
+        );
+        assert_eq!(
+            select_method_for(&g(&[METHOD_NONE, METHOD_USERPASS]), true),
+            METHOD_USERPASS
+        );
+        assert_eq!(select_method_for(&g(&[0x01]), true), NO_ACCEPTABLE_METHOD);
         assert_eq!(encode_method_choice(METHOD_USERPASS), [5, 2]);
         assert_eq!(encode_method_choice(NO_ACCEPTABLE_METHOD), [5, 0xFF]);
     }

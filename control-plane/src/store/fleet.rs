@@ -167,6 +167,7 @@ pub struct TelemetryRow {
 pub struct DevicePatch {
     pub name: Option<String>,
     pub region: Option<String>,
+    pub country: Option<String>,
     pub labels: Option<Vec<String>>,
     pub maintenance: Option<bool>,
 }
@@ -562,6 +563,13 @@ impl Store {
             if let Some(r) = &patch.region {
                 sqlx::query("UPDATE devices SET region = $1 WHERE id = $2")
                     .bind(r)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(c) = &patch.country {
+                sqlx::query("UPDATE devices SET country = $1 WHERE id = $2")
+                    .bind(c.to_ascii_lowercase())
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
