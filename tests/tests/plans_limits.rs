@@ -87,6 +87,21 @@ fn thread_limit_answers_429_and_socks_0x02_with_the_reason() {
         r.stdout.contains("connection limit reached: 2 of 2"),
         "{r:?}"
     );
+    // The refusal is in the request log, with its reason.
+    let cid = customer_id(&c);
+    assert_eventually!(
+        Duration::from_secs(10),
+        c.api()
+            .get(&format!("/api/v1/request-log?customer={cid}"))
+            .json()
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["outcome"] == "limited"
+                && r["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("connection limit"))),
+        "no limited row in the request log"
+    );
     let out = socks5_attempt(
         c.addrs.socks,
         &c.user,
@@ -249,6 +264,7 @@ fn usage_and_request_log_add_up() {
         .json();
     let rows = log.as_array().unwrap();
     assert_eq!(rows.len(), 3, "{log}");
+    assert!(rows.iter().all(|r| r["outcome"] == "ok"), "{log}");
     assert_eq!(rows[0]["target_host"], "127.0.0.1");
     assert!(rows[0]["target_port"].is_null() && rows[0]["target_path"].is_null());
     let csv = c

@@ -155,6 +155,43 @@ pub async fn connect(
     target: &TargetAddr,
     access: &Access,
 ) -> Result<Flow, ProxyError> {
+    let started = std::time::Instant::now();
+    let started_ms = crate::store::now_ms();
+    let r = connect_inner(state, target, access).await;
+    if let Err(e) = &r {
+        // Refusals and failures belong in the request log too.
+        let outcome = match e {
+            ProxyError::Limited(_) => "limited",
+            ProxyError::Denied(_) | ProxyError::NoExit | ProxyError::NoMatch(_) => "refused",
+            _ => "failed",
+        };
+        let row = LogRow {
+            started_at: started_ms,
+            customer_id: access.principal.account_id.clone(),
+            credential: access.principal.username.clone(),
+            device_id: None,
+            exit: None,
+            target_host: Some(target.host()),
+            target_port: Some(target.port()),
+            target_path: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            outcome: outcome.into(),
+            error: Some(e.to_string().chars().take(300).collect()),
+        };
+        if let Some(row) = row.redacted(access.plan.log_mode) {
+            state.usage.log(row);
+        }
+    }
+    r
+}
+
+async fn connect_inner(
+    state: &State,
+    target: &TargetAddr,
+    access: &Access,
+) -> Result<Flow, ProxyError> {
     let policy = state.target_policy();
     policy
         .check_port(target.port())
