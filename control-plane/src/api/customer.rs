@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::accounts::API_KEY_PREFIX;
 use super::{ApiError, ApiResult, Shared};
 use crate::limits::Now;
-use crate::rotation::{self, RotateError};
+use crate::rotation;
 use crate::routing::Filter;
 use crate::state::State;
 use crate::store::{CustomerRow, PlanRow, now_ms};
@@ -282,40 +282,8 @@ async fn rotate_session(
     let Some((device_id, exit)) = state.router.sessions.exit_of(&me.customer.id, &session) else {
         return no_session();
     };
-    let (status, body) = match rotation::rotate(&state, &device_id, Some(&exit), "customer").await {
-        Ok(row) => (
-            StatusCode::OK,
-            json!({
-                "ok": true,
-                "old_ip": row.old_ip,
-                "new_ip": row.new_ip,
-                "duration_ms": row.duration_ms,
-                "attempts": row.attempts,
-            }),
-        ),
-        Err(RotateError::Failed(row)) => (
-            StatusCode::BAD_GATEWAY,
-            json!({
-                "ok": false,
-                "error": format!(
-                    "the rotation failed after {} attempt(s); the address is still {}",
-                    row.attempts,
-                    row.old_ip.as_deref().unwrap_or("unknown")
-                ),
-                "old_ip": row.old_ip,
-                "attempts": row.attempts,
-            }),
-        ),
-        Err(RotateError::Offline(_)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ok": false, "error": "the exit is offline; try again later"}),
-        ),
-        Err(RotateError::Conflict(_)) => (
-            StatusCode::CONFLICT,
-            json!({"ok": false, "error": "the exit cannot rotate right now (a rotation is running, or rotation is off)"}),
-        ),
-        Err(RotateError::NotFound(_)) => return no_session(),
-        Err(RotateError::Store(e)) => return ApiError::from(e).into_response(),
-    };
-    (status, Json(body)).into_response()
+    super::fleet::public_outcome(
+        rotation::rotate(&state, &device_id, Some(&exit), "customer").await,
+        no_session,
+    )
 }

@@ -493,50 +493,57 @@ async fn use_link(AxState(state): AxState<Shared>, Path(token): Path<String>) ->
         // Whoever holds a link sees the outcome, not the fleet's internals
         // (device ids, backend steps, modem errors): those are in the
         // rotation record for administrators.
-        LinkUse::Granted { device_id, exit } => {
-            let (status, body) = match rotation::rotate(&state, &device_id, Some(&exit), "link")
-                .await
-            {
-                Ok(row) => (
-                    StatusCode::OK,
-                    json!({
-                        "ok": true,
-                        "old_ip": row.old_ip,
-                        "new_ip": row.new_ip,
-                        "duration_ms": row.duration_ms,
-                        "attempts": row.attempts,
-                    }),
-                ),
-                Err(RotateError::Failed(row)) => (
-                    StatusCode::BAD_GATEWAY,
-                    json!({
-                        "ok": false,
-                        "error": format!(
-                            "the rotation failed after {} attempt(s); the address is still {}",
-                            row.attempts,
-                            row.old_ip.as_deref().unwrap_or("unknown")
-                        ),
-                        "old_ip": row.old_ip,
-                        "attempts": row.attempts,
-                    }),
-                ),
-                Err(RotateError::Offline(_)) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"ok": false, "error": "the device is offline; try again later"}),
-                ),
-                Err(RotateError::Conflict(_)) => (
-                    StatusCode::CONFLICT,
-                    json!({"ok": false, "error": "the exit cannot rotate right now (a rotation is running, or rotation is off)"}),
-                ),
-                Err(RotateError::NotFound(_)) => (
-                    StatusCode::NOT_FOUND,
-                    json!({"ok": false, "error": "rotation link not found"}),
-                ),
-                Err(RotateError::Store(e)) => return ApiError::from(e).into_response(),
-            };
-            (status, Json(body)).into_response()
-        }
+        LinkUse::Granted { device_id, exit } => public_outcome(
+            rotation::rotate(&state, &device_id, Some(&exit), "link").await,
+            || ApiError::not_found("rotation link").into_response(),
+        ),
     }
+}
+
+/// A rotation's outcome for customers (rotation links, the customer API):
+/// old and new address only, never the fleet's internals (device ids,
+/// backend steps, modem errors), which the rotation record keeps for
+/// administrators.
+pub(super) fn public_outcome(
+    r: Result<crate::store::RotationRow, RotateError>,
+    not_found: impl FnOnce() -> Response,
+) -> Response {
+    let (status, body) = match r {
+        Ok(row) => (
+            StatusCode::OK,
+            json!({
+                "ok": true,
+                "old_ip": row.old_ip,
+                "new_ip": row.new_ip,
+                "duration_ms": row.duration_ms,
+                "attempts": row.attempts,
+            }),
+        ),
+        Err(RotateError::Failed(row)) => (
+            StatusCode::BAD_GATEWAY,
+            json!({
+                "ok": false,
+                "error": format!(
+                    "the rotation failed after {} attempt(s); the address is still {}",
+                    row.attempts,
+                    row.old_ip.as_deref().unwrap_or("unknown")
+                ),
+                "old_ip": row.old_ip,
+                "attempts": row.attempts,
+            }),
+        ),
+        Err(RotateError::Offline(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ok": false, "error": "the exit is offline; try again later"}),
+        ),
+        Err(RotateError::Conflict(_)) => (
+            StatusCode::CONFLICT,
+            json!({"ok": false, "error": "the exit cannot rotate right now (a rotation is running, or rotation is off)"}),
+        ),
+        Err(RotateError::NotFound(_)) => return not_found(),
+        Err(RotateError::Store(e)) => return ApiError::from(e).into_response(),
+    };
+    (status, Json(body)).into_response()
 }
 
 /// `GET /ip`: the caller's address as plain text.

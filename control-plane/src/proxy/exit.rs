@@ -202,16 +202,24 @@ async fn connect_inner(
             .map_err(|r| ProxyError::Denied(r.as_str().into()))?;
     }
     // The plan's own port list, then the customer's limits.
-    let mut limits = access.plan.limits.clone();
-    limits
-        .check_port(target.port())
+    let plan = &access.plan.limits;
+    plan.check_port(target.port())
         .map_err(ProxyError::Limited)?;
-    if let Some(exp) = access.principal.expires_at {
-        limits.expires_at_ms = Some(limits.expires_at_ms.map_or(exp, |p| p.min(exp)));
-    }
+    // The customer's own expiry tightens the plan's; only then is a copy
+    // of the limits needed.
+    let with_expiry;
+    let limits = match access.principal.expires_at {
+        Some(exp) => {
+            let mut l = plan.clone();
+            l.expires_at_ms = Some(l.expires_at_ms.map_or(exp, |p| p.min(exp)));
+            with_expiry = l;
+            &with_expiry
+        }
+        None => plan,
+    };
     let admission = state
         .limiter
-        .admit(&access.principal.account_id, &limits, Now::system())
+        .admit(&access.principal.account_id, limits, Now::system())
         .map_err(ProxyError::Limited)?;
     let filter = access.filter();
     let params = &access.principal.params;
