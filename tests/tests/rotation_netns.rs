@@ -289,15 +289,13 @@ fn a_download_started_before_a_rotation_completes_byte_exact() {
     let cfg = CP_CONFIG.replace("drain_grace_secs = 2", "drain_grace_secs = 15");
     let f = Farm::start("rot-drain", 1, &cfg, |_| fast_sim(SameIp::Never));
     let out = f.c.dir().join("blob.bin");
-    // 20 MB at 2 MB/s (about 10 s, inside the 15 s grace): the transfer is
-    // well in flight when the rotation starts, even when the poll below
-    // runs late on a loaded machine.
+    // 20 MB at 2 MB/s, paced by the target itself (about 10 s, inside the
+    // 15 s grace): the transfer is well in flight when the rotation starts,
+    // even when the poll below runs late on a loaded machine.
     let mut dl = Curl::new()
         .proxy(&f.c.http_proxy())
-        .arg("--limit-rate")
-        .arg("2M")
         .output(&out)
-        .arg(f.site.url("/blob"))
+        .arg(f.site.url("/blob?rate=2000000"))
         .spawn(f.c.dir(), "download");
     assert_eventually!(
         Duration::from_secs(20),

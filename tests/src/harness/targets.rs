@@ -146,7 +146,8 @@ pub struct ServerStats {
 }
 
 /// An HTTP/1.1 origin on 127.0.0.1 with keep-alive:
-/// - `GET|HEAD /blob`: the [`Blob`] with `Content-Length`;
+/// - `GET|HEAD /blob`: the [`Blob`] with `Content-Length`; `?rate=N` paces
+///   the body at N bytes/s;
 /// - `GET /hello`: `hello from <label>\n`;
 /// - `GET /ip`: the connection's source address (what an exit's public
 ///   address looks like to a target);
@@ -371,6 +372,16 @@ fn read_body<R: BufRead>(r: &mut R, req: &Request, mut sink: impl FnMut(&[u8])) 
     Ok(())
 }
 
+/// The value of `key` in the query string of `path`, if present.
+fn query_param<'a>(path: &'a str, key: &str) -> Option<&'a str> {
+    let (_, query) = path.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
 fn serve_conn<S: Read + Write>(stream: S, ctx: &Ctx, peer: SocketAddr) {
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     while let Ok(Some(req)) = read_request(&mut r) {
@@ -388,9 +399,23 @@ fn serve_conn<S: Read + Write>(stream: S, ctx: &Ctx, peer: SocketAddr) {
                     blob.len(),
                 );
                 let w = r.get_mut();
+                // `?rate=N` paces the body at N bytes/s from this side, so
+                // a transfer's duration does not depend on the client.
+                let rate = query_param(&req.path, "rate").and_then(|v| v.parse::<u64>().ok());
+                let started = std::time::Instant::now();
+                let mut sent = 0u64;
                 w.write_all(head.as_bytes()).is_ok()
                     && (req.method == "HEAD"
-                        || blob.data.chunks(256 * 1024).all(|c| w.write_all(c).is_ok()))
+                        || blob.data.chunks(64 * 1024).all(|c| {
+                            if let Some(rate) = rate.filter(|r| *r > 0) {
+                                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                    std::thread::sleep(wait);
+                                }
+                            }
+                            sent += c.len() as u64;
+                            w.write_all(c).is_ok()
+                        }))
                     && w.flush().is_ok()
             }
             ("GET", "/chunked") => {
