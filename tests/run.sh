@@ -19,6 +19,10 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
+# The agent update tests tamper with a stored release (sqlite3) and run
+# stripped copies of the agent (strip, from binutils).
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+command -v strip >/dev/null 2>&1 || need_apt+=(binutils)
 # PostgreSQL server programs for the throwaway test clusters (initdb, pg_ctl;
 # Debian keeps them off PATH, in a versioned directory).
 have_postgres() {
@@ -42,6 +46,13 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 start=$(date +%s)
+# A second agent build with another version string, for the self-update
+# tests (tests/tests/agent_update.rs). Only the edge-agent crate is rebuilt
+# when the variable changes; the workspace build below restores the normal
+# target/debug/edge-agent.
+echo "==> building the next agent (CELLGATE_AGENT_VERSION=99.0.0-next)"
+CELLGATE_AGENT_VERSION=99.0.0-next cargo build --workspace --bin edge-agent --locked
+cp target/debug/edge-agent target/debug/edge-agent-next
 echo "==> building the workspace (debug)"
 cargo build --workspace --all-targets --locked
 echo "==> running the tests"

@@ -175,6 +175,8 @@ fn apply_event(session: &DeviceSession, ev: &Event) {
             added,
         } => info!(%interface, %address, added, "uplink address changed"),
         Event::Log { level, message } => info!(level, %message, "device log"),
+        // Recorded by `release::on_event`.
+        Event::UpdateRolledBack { .. } => {}
     }
 }
 
@@ -299,6 +301,15 @@ async fn enroll_answer(
     };
     let token_hash = hex::encode(Sha256::digest(secret.as_bytes()));
     let seen = seen_from(facts, "", conn.remote_address().to_string());
+    let release_key = match crate::release::ReleaseKey::of(&state.cfg) {
+        Ok(k) => k.public().to_vec(),
+        Err(e) => {
+            warn!("enrollment refused: {e}");
+            return EnrollMsg::Refused {
+                message: "internal error, try again".into(),
+            };
+        }
+    };
     match state
         .store
         .enroll_device(&token_hash, &device_id, &fingerprint_hex(&cert), &seen)
@@ -311,6 +322,7 @@ async fn enroll_answer(
                 device_name: name,
                 certificate: cert,
                 ca_certificate: state.pki.ca_cert_der.clone(),
+                release_key,
             }
         }
         Ok(None) => {
@@ -563,6 +575,7 @@ async fn run_session(
     if let Err(e) = state.store.device_connected(&device.id, &seen).await {
         warn!("recording the connection failed: {e}");
     }
+    crate::release::device_connected(&state.store, &device.id, &hello.agent_version).await;
     info!(name = %device.name, version = %hello.agent_version, exits = session.exits.len(), "device online");
     crate::rotation::session_started(state, &session);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -579,6 +592,13 @@ async fn run_session(
                 break "control plane shutting down".to_string();
             }
             e = conn.closed() => break format!("{e}"),
+            // The only stream an agent opens after its control stream: a
+            // release fetch during a self-update.
+            stream = conn.accept_bi() => {
+                if let Ok((s, r)) = stream {
+                    state.tasks.spawn(crate::release::serve_fetch(state.store.clone(), s, r));
+                }
+            }
             msg = read_frame::<ControlMsg>(recv, buf) => {
                 last_heard = Instant::now();
                 match msg {
@@ -608,7 +628,10 @@ async fn run_session(
                             None => debug!(id = r.id, "result for an unknown or abandoned command"),
                         }
                     }
-                    Ok(Some(ControlMsg::Event(ev))) => apply_event(&session, &ev),
+                    Ok(Some(ControlMsg::Event(ev))) => {
+                        crate::release::on_event(state, &device.id, &ev);
+                        apply_event(&session, &ev);
+                    }
                     Ok(Some(other)) => {
                         warn!(?other, "unexpected control message");
                         conn.close(close_code::PROTOCOL_ERROR.into(), b"unexpected control message");

@@ -27,6 +27,7 @@ mod customer;
 mod fleet;
 mod plans;
 mod ports;
+mod releases;
 
 type Shared = Arc<State>;
 
@@ -108,6 +109,7 @@ pub fn router(state: Shared) -> Router {
         .merge(plans::admin_routes())
         .merge(access::admin_routes())
         .merge(accounts::admin_routes())
+        .merge(releases::admin_routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/health", get(health))
@@ -516,6 +518,12 @@ mod tests {
             "POST /api/v1/me/sessions/{session}/rotate",
             "GET /api/v1/ports",
             "GET /ports",
+            "GET /api/v1/releases",
+            "POST /api/v1/releases/{version}/rollout",
+            "GET /api/v1/rollouts",
+            "GET /api/v1/rollouts/{id}",
+            "POST /api/v1/devices/{id}/update",
+            "GET /api/v1/devices/{id}/updates",
         ];
         want.sort();
         assert_eq!(got, want);

@@ -57,6 +57,43 @@ pub struct Config {
     pub fleet: FleetSettings,
     /// Port per exit: `[ports]`.
     pub ports: PortsSettings,
+    /// Signed agent releases and updates: `[releases]`.
+    pub releases: ReleaseSettings,
+}
+
+/// Agent releases: the signing key and how long updates may take.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReleaseSettings {
+    /// The ed25519 release key (32 raw bytes, mode 0600), created on first
+    /// use. Default: `release.key` in `data_dir`. Give every control plane
+    /// that shares a database the same key: agents learn it at enrollment.
+    pub key_path: Option<PathBuf>,
+    /// A device must fetch, check and install a release within this time.
+    pub update_timeout_secs: u64,
+    /// In a rollout, a device must be back with the new version this long
+    /// after it installed it, or the rollout halts.
+    pub rollout_deadline_secs: u64,
+}
+
+impl Default for ReleaseSettings {
+    fn default() -> Self {
+        Self {
+            key_path: None,
+            update_timeout_secs: 900,
+            rollout_deadline_secs: 180,
+        }
+    }
+}
+
+impl Config {
+    /// Where the release signing key lives.
+    pub fn release_key_path(&self) -> PathBuf {
+        self.releases
+            .key_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("release.key"))
+    }
 }
 
 /// How rotations run. Seed defaults: 600 s schedule, 3 attempts 10 s apart,
@@ -153,6 +190,7 @@ impl Default for Config {
             rotation: RotationSettings::default(),
             fleet: FleetSettings::default(),
             ports: PortsSettings::default(),
+            releases: ReleaseSettings::default(),
         }
     }
 }
@@ -252,6 +290,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.releases.update_timeout_secs == 0 || self.releases.rollout_deadline_secs == 0 {
+            return bad("releases.update_timeout_secs and rollout_deadline_secs must be positive");
+        }
         if let Some(url) = &self.database_url
             && crate::store::Backend::of_url(url).is_none()
         {

@@ -11,6 +11,9 @@
 //!   ([`pki`], [`agents`]).
 //! - **admin token**: bearer token for the REST API ([`api`]).
 //!
+//! - **release**: an agent binary signed with the control plane's release
+//!   key; devices update to it one by one or in rollouts ([`release`]).
+//!
 //! [`app::start`] wires everything; `main.rs` is the CLI.
 #![forbid(unsafe_code)]
 
@@ -24,6 +27,7 @@ pub mod pki;
 pub mod ports;
 pub mod proxy;
 pub mod registry;
+pub mod release;
 pub mod rotation;
 pub mod routing;
 pub mod state;

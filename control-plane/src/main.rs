@@ -59,6 +59,34 @@ enum Cmd {
     /// Devices of the running control plane: list, show, rotate.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Signed agent releases: publish a build, list them.
+    #[command(subcommand)]
+    Release(ReleaseCmd),
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Hash and sign an edge-agent binary with the release key and store
+    /// it in the database; devices then update to it with
+    /// `POST /api/v1/devices/{id}/update` or a rollout.
+    Publish {
+        /// The edge-agent binary.
+        binary: PathBuf,
+        /// The version it reports (`edge-agent --version`).
+        #[arg(long)]
+        version: String,
+        /// Its target triple, e.g. x86_64-unknown-linux-gnu or
+        /// aarch64-unknown-linux-gnu.
+        #[arg(long)]
+        target: String,
+        /// Sign with this key file instead of the configured release key
+        /// (created when missing). Agents accept only the key they received
+        /// at enrollment.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// List published releases.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -251,6 +279,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             r
         }
         Cmd::Device(c) => device(&cfg, c).await,
+        Cmd::Release(c) => release(&cfg, c).await,
         Cmd::AdminToken(AdminCmd::Create { label }) => {
             let store = Store::open(&cfg).await?;
             let t = tokens::create_admin_token(&store, &label).await?;
@@ -436,6 +465,57 @@ async fn device(cfg: &Config, cmd: DeviceCmd) -> anyhow::Result<()> {
                 v["id"].as_str().unwrap_or("")
             );
             println!("{}", v["url"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+async fn release(cfg: &Config, cmd: ReleaseCmd) -> anyhow::Result<()> {
+    use control_plane::release::{self, ReleaseKey};
+    match cmd {
+        ReleaseCmd::Publish {
+            binary,
+            version,
+            target,
+            key,
+        } => {
+            let len = std::fs::metadata(&binary)
+                .with_context(|| binary.display().to_string())?
+                .len();
+            anyhow::ensure!(
+                len > 0 && len <= release::MAX_SIZE,
+                "{}: {len} bytes; a release holds 1..={} bytes",
+                binary.display(),
+                release::MAX_SIZE
+            );
+            let data = std::fs::read(&binary).with_context(|| binary.display().to_string())?;
+            let key = ReleaseKey::load_or_create(&key.unwrap_or_else(|| cfg.release_key_path()))?;
+            let store = Store::open(cfg).await?;
+            let r = release::publish(&store, &key, &data, &version, &target).await;
+            store.close().await;
+            let row = match r {
+                Ok(row) => row,
+                Err(release::PublishError::Store(StoreError::Conflict(_))) => {
+                    anyhow::bail!("release {version} for {target} exists already")
+                }
+                Err(e) => return Err(e.into()),
+            };
+            println!(
+                "published {} for {} ({} bytes, sha256 {}, signed by {})",
+                row.version, row.target, row.size, row.sha256, row.key_id
+            );
+        }
+        ReleaseCmd::List => {
+            let store = Store::open(cfg).await?;
+            let rows = store.releases().await;
+            store.close().await;
+            println!("VERSION\tTARGET\tSIZE\tSHA256\tPUBLISHED");
+            for r in rows? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    r.version, r.target, r.size, r.sha256, r.created_at
+                );
+            }
         }
     }
     Ok(())

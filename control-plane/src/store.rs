@@ -48,11 +48,13 @@ mod accounts;
 mod fleet;
 mod plans;
 mod ports;
+mod releases;
 pub use access::*;
 pub use accounts::*;
 pub use fleet::*;
 pub use plans::*;
 pub use ports::*;
+pub use releases::*;
 
 /// The SQLite file in the data directory when no `database_url` is set.
 pub const DB_FILE: &str = "cellgate.db";

@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub ip_echo_url: Option<String>,
     /// How often each exit's radio and battery readings are refreshed.
     pub telemetry_secs: u64,
+    /// After a self-update, each start of the new binary has this long to
+    /// reach the control plane before the previous binary is restored.
+    pub update_deadline_secs: u64,
     /// The uplinks: `[[exit]]` sections. None: one exit, `default`, over
     /// the host's routing, which cannot rotate.
     #[serde(rename = "exit")]
@@ -51,6 +54,7 @@ impl Default for AgentConfig {
             worker_threads: 1,
             ip_echo_url: None,
             telemetry_secs: 30,
+            update_deadline_secs: 60,
             exits: Vec::new(),
         }
     }
@@ -106,6 +110,11 @@ impl AgentConfig {
             ));
         }
         crate::exits::Exits::from_config(&self.exits).map_err(ConfigError::Invalid)?;
+        if self.update_deadline_secs < 5 || self.update_deadline_secs > 3600 {
+            return Err(ConfigError::Invalid(
+                "update_deadline_secs must be within 5..=3600".into(),
+            ));
+        }
         if self.max_backoff_secs == 0 {
             return Err(ConfigError::Invalid(
                 "max_backoff_secs must be at least 1".into(),

@@ -90,16 +90,20 @@ pub async fn enroll(
                 device_name,
                 certificate,
                 ca_certificate,
-            }) => Ok(Identity {
-                meta: IdentityMeta {
-                    device_id,
-                    device_name,
-                    control_plane: addr_text.clone(),
+                release_key,
+            }) => Ok((
+                Identity {
+                    meta: IdentityMeta {
+                        device_id,
+                        device_name,
+                        control_plane: addr_text.clone(),
+                    },
+                    key_der: key.serialize_der(),
+                    cert_der: certificate,
+                    ca_der: ca_certificate,
                 },
-                key_der: key.serialize_der(),
-                cert_der: certificate,
-                ca_der: ca_certificate,
-            }),
+                release_key,
+            )),
             Some(EnrollMsg::Refused { message }) => Err(EnrollError::Refused(message)),
             Some(other) => Err(EnrollError::Protocol(format!(
                 "unexpected answer {other:?}"
@@ -109,11 +113,21 @@ pub async fn enroll(
             )),
         }
     };
-    let identity = tokio::time::timeout(ENROLL_TIMEOUT, exchange)
+    let (identity, release_key) = tokio::time::timeout(ENROLL_TIMEOUT, exchange)
         .await
         .map_err(|_| connect_err("timed out".into()))??;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     identity.store(state_dir)?;
+    // The key self-updates must be signed with (empty from a control plane
+    // that signs none).
+    if !release_key.is_empty() {
+        crate::update::store_release_key(state_dir, &release_key).map_err(|e| {
+            EnrollError::Protocol(format!(
+                "storing the release key in {}: {e}",
+                state_dir.display()
+            ))
+        })?;
+    }
     Ok(identity)
 }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "edge-agent",
-    version,
+    version = edge_agent::AGENT_VERSION,
     about = "cellgate edge agent: carries customer traffic out of this device's uplink"
 )]
 struct Cli {
@@ -30,7 +30,10 @@ enum Cmd {
         #[arg(long)]
         control_plane: Option<String>,
     },
-    /// Connect to the control plane and serve customer flows.
+    /// Connect to the control plane and serve customer flows. Also applies
+    /// self-updates the control plane sends (signed releases), restarting
+    /// with the same arguments, and rolls back an update whose binary does
+    /// not reach the control plane.
     Run {
         /// TOML configuration file (see deploy/edge-agent.example.toml).
         #[arg(long, env = "CELLGATE_AGENT_CONFIG")]
@@ -125,6 +128,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.allow_private_targets |= allow_private_targets;
             cfg.validate()?;
+            // May re-execute the previous binary (rollback of an update).
+            edge_agent::update::on_start(&cfg.state_dir)?;
             runtime(cfg.worker_threads)?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 let s = shutdown.clone();
@@ -132,8 +137,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     shared::process::wait_for_signal().await;
                     s.cancel();
                 });
+                edge_agent::update::enable(
+                    &cfg.state_dir,
+                    std::time::Duration::from_secs(cfg.update_deadline_secs),
+                    shutdown.clone(),
+                );
                 edge_agent::tunnel::run(cfg, shutdown).await
-            })
+            })?;
+            if edge_agent::update::restart_requested() {
+                return Err(edge_agent::update::exec_new());
+            }
+            Ok(())
         }
     }
 }

@@ -218,7 +218,12 @@ fn spawn_telemetry(exits: &Arc<Exits>, every: Duration, shutdown: &CancellationT
 
 /// Run a command from the control plane; rotations take seconds, so this
 /// runs beside the session loop.
-async fn run_command(cmd: Command, exits: &Exits, echo_url: &str) -> CommandResult {
+async fn run_command(
+    cmd: Command,
+    exits: &Exits,
+    echo_url: &str,
+    conn: &Connection,
+) -> CommandResult {
     let unknown = |exit: &str| {
         (
             false,
@@ -251,6 +256,7 @@ async fn run_command(cmd: Command, exits: &Exits, echo_url: &str) -> CommandResu
             }
             None => unknown(&exit),
         },
+        kind @ CommandKind::SelfUpdate { .. } => crate::update::self_update(conn, kind).await,
         other => (
             false,
             format!("command {other:?} is not supported by this agent version"),
@@ -335,6 +341,11 @@ async fn session(
         remote = %conn.remote_address(),
         "tunnel up"
     );
+    // Reaching the control plane commits a self-update on probation.
+    for ev in crate::update::on_welcome() {
+        write_frame(&mut send, &ControlMsg::Event(ev)).await?;
+        crate::update::reports_sent();
+    }
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.online.store(1, Ordering::Relaxed);
     let policy = Arc::new(shared::wire::policy_for(
@@ -376,8 +387,9 @@ async fn session(
                     let exits = exits.clone();
                     let tx = result_tx.clone();
                     let echo_url = echo_url.clone();
+                    let conn = conn.clone();
                     tokio::spawn(async move {
-                        let r = run_command(cmd, &exits, &echo_url).await;
+                        let r = run_command(cmd, &exits, &echo_url, &conn).await;
                         let _ = tx.send(r).await;
                     });
                 }

@@ -12,6 +12,8 @@
 //! - **target**: where a customer wants to go, a domain or an IP plus a port
 //!   ([`target::TargetAddr`]). Domains are resolved on the device.
 //! - **policy**: the deny list applied to customer targets ([`policy`]).
+//! - **release**: an agent build the control plane signed; its manifest
+//!   format is in [`release`].
 //!
 //! Everything outside the `quic` feature is pure: bytes in, values out.
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod config_file;
 pub mod enroll;
 pub mod files;
 pub mod policy;
+pub mod release;
 pub mod target;
 pub mod wire;
 

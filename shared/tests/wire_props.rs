@@ -123,7 +123,15 @@ fn command_kind() -> impl Strategy<Value = CommandKind> {
         Just(CommandKind::Reboot),
         Just(CommandKind::SpeedTest),
         ".{0,200}".prop_map(|toml| CommandKind::UpdateConfig { toml }),
-        text().prop_map(|version| CommandKind::SelfUpdate { version }),
+        (text(), text(), any::<[u8; 32]>(), any::<u64>(), bytes(80)).prop_map(
+            |(version, target, sha256, size, signature)| CommandKind::SelfUpdate {
+                version,
+                target,
+                sha256,
+                size,
+                signature,
+            }
+        ),
     ]
 }
 
@@ -139,6 +147,13 @@ fn event() -> impl Strategy<Value = Event> {
             }
         }),
         (any::<u8>(), text()).prop_map(|(level, message)| Event::Log { level, message }),
+        (text(), text(), text()).prop_map(|(from_version, to_version, reason)| {
+            Event::UpdateRolledBack {
+                from_version,
+                to_version,
+                reason,
+            }
+        }),
     ]
 }
 
@@ -382,6 +397,8 @@ fn stream_msg() -> BoxedStrategy<StreamMsg> {
         Just(StreamMsg::Opened),
         (refuse_reason(), text())
             .prop_map(|(reason, message)| StreamMsg::Refused { reason, message }),
+        (text(), text()).prop_map(|(version, target)| StreamMsg::FetchRelease { version, target }),
+        any::<u64>().prop_map(|size| StreamMsg::Release { size }),
     ]
     .boxed()
 }
@@ -404,12 +421,15 @@ fn enroll_msg() -> BoxedStrategy<EnrollMsg> {
                     facts,
                 }
             }),
-        (text(), text(), bytes(2000), bytes(2000)).prop_map(
-            |(device_id, device_name, certificate, ca_certificate)| EnrollMsg::Granted {
-                device_id,
-                device_name,
-                certificate,
-                ca_certificate,
+        (text(), text(), bytes(2000), bytes(2000), bytes(40)).prop_map(
+            |(device_id, device_name, certificate, ca_certificate, release_key)| {
+                EnrollMsg::Granted {
+                    device_id,
+                    device_name,
+                    certificate,
+                    ca_certificate,
+                    release_key,
+                }
             }
         ),
         text().prop_map(|message| EnrollMsg::Refused { message }),
@@ -697,6 +717,7 @@ fn allocations_bounded() {
         device_name: String::new(),
         certificate: vec![7; 4000],
         ca_certificate: Vec::new(),
+        release_key: vec![1; 32],
     };
     let mut buf = BytesMut::from(&frame_to_vec(&big).unwrap()[..]);
     let (msg, largest) = largest_allocation(|| decode_frame::<EnrollMsg>(&mut buf).unwrap());

@@ -125,6 +125,7 @@ profile = "quectel-ec25"
                 ],
                 config_toml: Some(toml.to_string()),
                 env,
+                ..AgentLaunch::default()
             },
         );
         self.c.wait_online(1, Duration::from_secs(20));

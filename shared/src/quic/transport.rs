@@ -68,7 +68,7 @@ pub fn bind_udp(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSock
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Data streams are opened by the control plane only; the agent opens the
-/// control stream and nothing else.
+/// control stream and, during a self-update, one stream fetching a release.
 pub const AGENT_ACCEPTS_STREAMS: u32 = 20_000;
 pub const CP_ACCEPTS_STREAMS: u32 = 2;
 
@@ -96,7 +96,8 @@ pub fn agent_transport(l: &Liveness) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-/// The control plane's side: an agent may open only its control stream.
+/// The control plane's side: an agent may open its control stream and one
+/// release fetch at a time.
 pub fn control_plane_transport(l: &Liveness) -> Arc<TransportConfig> {
     let mut t = base(l);
     t.max_concurrent_bidi_streams(VarInt::from_u32(CP_ACCEPTS_STREAMS));

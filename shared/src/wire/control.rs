@@ -236,8 +236,17 @@ pub enum CommandKind {
     UpdateConfig {
         toml: String,
     },
+    /// Replace the agent's binary with release `version` for `target`,
+    /// fetched over the tunnel ([`crate::wire::StreamMsg::FetchRelease`]).
+    /// `signature` is the release key's ed25519 signature over the manifest
+    /// these fields make ([`crate::release::Manifest::signed_bytes`]); the
+    /// agent checks it with the key it received at enrollment.
     SelfUpdate {
         version: String,
+        target: String,
+        sha256: [u8; 32],
+        size: u64,
+        signature: Vec<u8>,
     },
 }
 
@@ -286,6 +295,14 @@ pub enum Event {
         level: u8,
         message: String,
     },
+    /// A self-update did not take: the new binary never reached the control
+    /// plane (or kept crashing), so the agent restored its previous binary,
+    /// which now runs `from_version` again.
+    UpdateRolledBack {
+        from_version: String,
+        to_version: String,
+        reason: String,
+    },
 }
 
 /// Messages on an enrollment connection (no client certificate yet).
@@ -309,6 +326,9 @@ pub enum EnrollMsg {
         certificate: Vec<u8>,
         /// DER certificate of the CA the agent must trust from now on.
         ca_certificate: Vec<u8>,
+        /// The control plane's ed25519 release key (32 bytes): the agent
+        /// accepts only self-updates signed by it.
+        release_key: Vec<u8>,
     },
     Refused {
         message: String,

@@ -16,11 +16,18 @@ pub enum StreamMsg {
     },
     /// Agent → CP: connected; raw bytes follow in both directions.
     Opened,
-    /// Agent → CP: not connected; the stream ends.
+    /// Agent → CP: not connected; the stream ends. Also CP → agent when a
+    /// [`StreamMsg::FetchRelease`] cannot be served.
     Refused {
         reason: RefuseReason,
         message: String,
     },
+    /// Agent → CP, first frame of a stream the agent opens: send the
+    /// binary of this release.
+    FetchRelease { version: String, target: String },
+    /// CP → agent: exactly `size` raw bytes of the binary follow, then the
+    /// stream ends. The agent refuses a size other than the signed one.
+    Release { size: u64 },
 }
 
 /// Why an exit did not connect. Mapped to HTTP statuses and SOCKS5 reply

@@ -50,6 +50,9 @@ pub struct AgentLaunch {
     pub prefix: Vec<String>,
     pub config_toml: Option<String>,
     pub env: Vec<(String, String)>,
+    /// Run this agent binary instead of the workspace's (e.g. a private
+    /// copy that a self-update may replace).
+    pub binary: Option<PathBuf>,
 }
 
 impl ClusterOpts {
@@ -471,13 +474,14 @@ impl Cluster {
         if let Some(p) = a.proc.as_mut() {
             p.kill();
         }
+        let bin = launch.binary.clone().unwrap_or_else(edge_agent_bin);
         let mut cmd = match launch.prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = command(first);
-                c.args(rest).arg(edge_agent_bin());
+                c.args(rest).arg(&bin);
                 c
             }
-            None => command(edge_agent_bin()),
+            None => command(&bin),
         };
         cmd.arg("run").arg("--state-dir").arg(&a.state_dir);
         if let Some(p) = &config {
