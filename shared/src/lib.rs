@@ -19,6 +19,7 @@
 pub mod config_file;
 pub mod enroll;
 pub mod files;
+pub mod mqtt;
 pub mod policy;
 pub mod target;
 pub mod wire;
