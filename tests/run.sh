@@ -23,6 +23,13 @@ command -v conntrack >/dev/null 2>&1 || need_apt+=(conntrack)
 # stripped copies of the agent (strip, from binutils).
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 command -v strip >/dev/null 2>&1 || need_apt+=(binutils)
+# Device installers (firmware_scripts): SD card images edited without root
+# (sfdisk, mtools, mkfs.fat, debugfs/mke2fs) and the scripts' lint.
+command -v sfdisk >/dev/null 2>&1 || need_apt+=(fdisk)
+command -v mcopy >/dev/null 2>&1 || need_apt+=(mtools)
+command -v mkfs.fat >/dev/null 2>&1 || need_apt+=(dosfstools)
+command -v debugfs >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 # PostgreSQL server programs for the throwaway test clusters (initdb, pg_ctl;
 # Debian keeps them off PATH, in a versioned directory).
 have_postgres() {
@@ -31,6 +38,13 @@ have_postgres() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
 }
 have_postgres || need_apt+=(postgresql)
+# Device commands over MQTT (mqtt_commands): a throwaway broker and the
+# clients operators use by hand. pkill (procps) reloads the broker.
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v pkill >/dev/null 2>&1 || need_apt+=(procps)
+# deploy_files: `systemd-analyze verify` of the systemd unit in deploy/.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if ((${#need_apt[@]})); then
     echo "==> installing ${need_apt[*]}"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi

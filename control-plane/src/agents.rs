@@ -317,6 +317,8 @@ async fn enroll_answer(
     {
         Ok(Some(name)) => {
             info!(device = %device_id, %name, "device enrolled");
+            // The broker learns the device before its first session.
+            crate::mqtt::refresh_broker_files(state).await;
             EnrollMsg::Granted {
                 device_id,
                 device_name: name,
@@ -501,6 +503,7 @@ async fn run_session(
             .take(shared::wire::MAX_LIST_ITEMS)
             .collect(),
         ip_echo_url: state.ip_echo_url(),
+        mqtt: state.mqtt.as_ref().map(|m| m.grant(&device.id)),
     });
     let exits = state.registry.exits_for(&device.id, &exit_infos);
     state
@@ -578,7 +581,7 @@ async fn run_session(
     crate::release::device_connected(&state.store, &device.id, &hello.agent_version).await;
     info!(name = %device.name, version = %hello.agent_version, exits = session.exits.len(), "device online");
     crate::rotation::session_started(state, &session);
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut pending: HashMap<String, Pending> = HashMap::new();
     let mut last_sample: Option<Instant> = None;
 
     let mut last_heard = Instant::now();
@@ -622,10 +625,10 @@ async fn run_session(
                         }
                     }
                     Ok(Some(ControlMsg::CommandResult(r))) => {
-                        debug!(id = r.id, ok = r.ok, message = %r.message, "command result");
+                        debug!(id = %r.id, ok = r.ok, message = %r.message, "command result");
                         match pending.remove(&r.id) {
                             Some(tx) => { let _ = tx.send(r); }
-                            None => debug!(id = r.id, "result for an unknown or abandoned command"),
+                            None => debug!(id = %r.id, "result for an unknown or abandoned command"),
                         }
                     }
                     Ok(Some(ControlMsg::Event(ev))) => {
@@ -650,7 +653,7 @@ async fn run_session(
             cmd = cmd_rx.recv() => {
                 // The session holds a sender, so the channel never closes here.
                 let Some((cmd, tx)) = cmd else { continue };
-                let id = cmd.id;
+                let id = cmd.id.clone();
                 if write_frame(send, &ControlMsg::Command(cmd)).await.is_err() {
                     break "control stream closed".into();
                 }

@@ -23,6 +23,7 @@ use crate::tokens;
 
 mod access;
 mod accounts;
+mod commands;
 mod customer;
 mod fleet;
 mod plans;
@@ -106,6 +107,7 @@ pub fn router(state: Shared) -> Router {
         .route("/customers/{id}", axum::routing::delete(delete_customer))
         .route("/enroll-tokens", post(create_enroll_token))
         .merge(fleet::admin_routes())
+        .merge(commands::admin_routes())
         .merge(plans::admin_routes())
         .merge(access::admin_routes())
         .merge(accounts::admin_routes())
@@ -117,6 +119,11 @@ pub fn router(state: Shared) -> Router {
         .merge(ports::routes(state.clone()))
         .merge(customer::public_routes(state.clone()))
         .route("/openapi.json", get(openapi))
+        .route(
+            "/metrics",
+            get(crate::metrics::scrape)
+                .route_layer(middleware::from_fn_with_state(state.clone(), require_admin)),
+        )
         .nest("/api/v1", v1)
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -327,6 +334,8 @@ async fn delete_device(
         .registry
         .kick(&id, close_code::UNKNOWN_DEVICE, "device deleted");
     state.registry.forget_device(&id);
+    // Its broker identity goes with it.
+    crate::mqtt::refresh_broker_files(&state).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -464,7 +473,13 @@ mod tests {
         let mut want = vec![
             "GET /health",
             "GET /openapi.json",
+            "GET /metrics",
             "GET /ip",
+            "GET /speedtest",
+            "GET /api/v1/devices/{id}/commands",
+            "POST /api/v1/devices/{id}/commands",
+            "GET /api/v1/commands/{id}",
+            "GET /api/v1/mqtt",
             "GET /rotate/{token}",
             "POST /rotate/{token}",
             "GET /api/v1/plans",

@@ -52,7 +52,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
     let socks = bind(cfg.socks_listen).await?;
     let api = bind(cfg.api_listen).await?;
     let own_ips = own_ips(&cfg).await;
+    let mqtt = crate::mqtt::Mqtt::new(&cfg.mqtt, &cfg.data_dir)?;
     let state = Arc::new(State {
+        mqtt,
         own_ips,
         auth: Authenticator::new(store.clone()),
         cfg,
@@ -105,6 +107,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
         shutdown.clone(),
     ));
     servers.spawn(crate::rotation::run(state.clone(), shutdown.clone()));
+    servers.spawn(crate::mqtt::run(state.clone(), shutdown.clone()));
     if let Some(range) = state.cfg.ports.range() {
         servers.spawn(crate::ports::run(state.clone(), range, shutdown.clone()));
     }

@@ -57,6 +57,9 @@ pub struct Config {
     pub fleet: FleetSettings,
     /// Port per exit: `[ports]`.
     pub ports: PortsSettings,
+    /// Device commands over an MQTT broker (optional: without a broker,
+    /// commands use the tunnel only).
+    pub mqtt: MqttSettings,
     /// Signed agent releases and updates: `[releases]`.
     pub releases: ReleaseSettings,
 }
@@ -191,6 +194,54 @@ impl Default for Config {
             fleet: FleetSettings::default(),
             ports: PortsSettings::default(),
             releases: ReleaseSettings::default(),
+            mqtt: MqttSettings::default(),
+        }
+    }
+}
+
+/// The MQTT broker the control plane and agents use for device commands.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// `mqtt://host:port` of the broker; empty: no MQTT.
+    pub url: String,
+    /// The broker as devices reach it (default: `url`).
+    pub device_url: Option<String>,
+    /// Topics live under `{topic_prefix}/devices/{device}/`.
+    pub topic_prefix: String,
+    /// The control plane's broker user. Its password, and each device's
+    /// (whose broker user is its device id), derive from a secret kept in
+    /// the data directory (`mqtt.key`).
+    pub username: String,
+    /// Where to write a mosquitto `passwd` and `acl` file for the control
+    /// plane and every device (rewritten on enrollment and removal); empty:
+    /// the operator provisions the broker (see the README).
+    pub broker_files_dir: Option<PathBuf>,
+    /// Lines appended verbatim to the generated passwd file (the operator's
+    /// own broker users, e.g. made with `mosquitto_passwd`).
+    pub extra_passwd_file: Option<PathBuf>,
+    /// Lines appended verbatim to the generated ACL file.
+    pub extra_acl_file: Option<PathBuf>,
+    /// Run after the files change so the broker rereads them, e.g.
+    /// `["systemctl", "reload", "mosquitto"]` or `["pkill", "-HUP", "-x", "mosquitto"]`.
+    pub reload_command: Vec<String>,
+    /// Commands without a result after this long are `expired`; agents do
+    /// not run a command that reaches them later.
+    pub command_ttl_secs: u64,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            device_url: None,
+            topic_prefix: shared::mqtt::DEFAULT_PREFIX.to_string(),
+            username: "cellgate-control-plane".to_string(),
+            broker_files_dir: None,
+            extra_passwd_file: None,
+            extra_acl_file: None,
+            reload_command: Vec::new(),
+            command_ttl_secs: 600,
         }
     }
 }
@@ -355,6 +406,27 @@ impl Config {
         }
         if f.telemetry_retention_hours == 0 {
             return bad("fleet.telemetry_retention_hours must be at least 1");
+        }
+        let m = &self.mqtt;
+        if !m.url.is_empty() {
+            for u in std::iter::once(&m.url).chain(&m.device_url) {
+                if let Err(e) = shared::mqtt::parse_url(u) {
+                    return bad(&format!("mqtt url {u:?}: {e}"));
+                }
+            }
+            if !shared::mqtt::valid_device_id(&m.username) {
+                return bad("mqtt.username may hold only letters, digits, '-', '_' and '.'");
+            }
+            if m.topic_prefix.is_empty()
+                || m.topic_prefix
+                    .chars()
+                    .any(|c| matches!(c, '+' | '#' | '\0') || c.is_whitespace())
+            {
+                return bad("mqtt.topic_prefix must be non-empty, without wildcards or spaces");
+            }
+            if !(10..=7 * 24 * 3600).contains(&m.command_ttl_secs) {
+                return bad("mqtt.command_ttl_secs must be within 10..=604800");
+            }
         }
         if self.enroll_token_ttl_secs == 0 {
             return bad("enroll_token_ttl_secs must be at least 1");

@@ -20,9 +20,12 @@
 pub mod agents;
 pub mod api;
 pub mod app;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod limits;
+pub mod metrics;
+pub mod mqtt;
 pub mod pki;
 pub mod ports;
 pub mod proxy;

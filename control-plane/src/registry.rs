@@ -295,7 +295,7 @@ impl DeviceSession {
     /// Send a command on the control stream and wait for its result.
     pub async fn command(
         &self,
-        id: u64,
+        id: String,
         kind: CommandKind,
         timeout: Duration,
     ) -> Result<CommandResult, CommandError> {
@@ -410,8 +410,13 @@ impl Registry {
         self.next_session.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub fn next_command_id(&self) -> u64 {
-        self.next_command.fetch_add(1, Ordering::Relaxed) + 1
+    /// A command id unique across restarts of this process: agents run an
+    /// id at most once and remember ids across their own restarts.
+    pub fn next_command_id(&self) -> String {
+        static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let boot = BOOT.get_or_init(|| hex::encode(rand::random::<[u8; 4]>()));
+        let n = self.next_command.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("cp-{boot}-{n}")
     }
 
     /// The state of each of `infos` for `device_id`, created on first sight

@@ -596,6 +596,11 @@ pub async fn run(state: Arc<State>, shutdown: CancellationToken) {
                     last_flush = Instant::now();
                     flush_counters(&state).await;
                     flush_usage(&state).await;
+                    match state.store.expire_commands(now_ms()).await {
+                        Ok(n) if n > 0 => info!(commands = n, "commands expired without a result"),
+                        Ok(_) => {}
+                        Err(e) => warn!("expiring commands failed: {e}"),
+                    }
                 }
                 if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
                     last_prune = Some(Instant::now());

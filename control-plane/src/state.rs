@@ -48,6 +48,8 @@ pub struct State {
         std::sync::RwLock<std::collections::HashMap<String, std::sync::Arc<crate::store::PlanRow>>>,
     /// The plan of customers without one: no limits.
     pub default_plan: std::sync::Arc<crate::store::PlanRow>,
+    /// The MQTT broker link, when `[mqtt] url` is set.
+    pub mqtt: Option<std::sync::Arc<crate::mqtt::Mqtt>>,
 }
 
 impl State {

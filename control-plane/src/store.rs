@@ -45,12 +45,14 @@ macro_rules! on_pool {
 
 mod access;
 mod accounts;
+mod commands;
 mod fleet;
 mod plans;
 mod ports;
 mod releases;
 pub use access::*;
 pub use accounts::*;
+pub use commands::*;
 pub use fleet::*;
 pub use plans::*;
 pub use ports::*;

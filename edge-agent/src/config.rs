@@ -39,6 +39,18 @@ pub struct AgentConfig {
     /// the host's routing, which cannot rotate.
     #[serde(rename = "exit")]
     pub exits: Vec<crate::exits::ExitConfig>,
+    /// Take commands over MQTT too when the control plane hands out broker
+    /// credentials.
+    pub mqtt_enabled: bool,
+    /// The broker as this device reaches it (`mqtt://host:port`), instead
+    /// of the URL the control plane announces.
+    pub mqtt_url: Option<String>,
+    /// What the `reboot` command runs (`[]` refuses reboots).
+    pub reboot_command: Vec<String>,
+    /// The file this configuration came from; `update_config` commands
+    /// replace it. Set by the command line, not in the file.
+    #[serde(skip)]
+    pub config_path: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +68,10 @@ impl Default for AgentConfig {
             telemetry_secs: 30,
             update_deadline_secs: 60,
             exits: Vec::new(),
+            mqtt_enabled: true,
+            mqtt_url: None,
+            reboot_command: vec!["reboot".into()],
+            config_path: None,
         }
     }
 }
@@ -114,6 +130,11 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(
                 "update_deadline_secs must be within 5..=3600".into(),
             ));
+        }
+        if let Some(u) = &self.mqtt_url
+            && let Err(e) = shared::mqtt::parse_url(u)
+        {
+            return Err(ConfigError::Invalid(format!("mqtt_url {u:?}: {e}")));
         }
         if self.max_backoff_secs == 0 {
             return Err(ConfigError::Invalid(

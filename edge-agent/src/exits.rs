@@ -192,6 +192,10 @@ impl Exit {
     }
 
     async fn read_ip_until(&self, echo_url: &str, deadline: Instant) -> Result<IpAddr, String> {
+        if echo_url.is_empty() {
+            // Nothing to retry: say so at once.
+            return self.public_ip(echo_url, Duration::ZERO).await;
+        }
         // Right after a link comes back the first SYN is often lost (routes
         // and NAT state are still settling) and TCP would retry it only
         // after a second: start with short tries and lengthen them.

@@ -20,11 +20,13 @@
 //! in-process; `main.rs` is a thin CLI on top.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod config;
 pub mod enroll;
 pub mod exits;
 pub mod forward;
 pub mod identity;
+pub mod mqtt;
 pub mod net;
 pub mod rotate;
 pub mod tls;

@@ -82,6 +82,20 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Replace this process with a fresh start of the same binary and
+/// arguments (same PID, so a service manager sees no exit).
+fn reexec() {
+    use std::os::unix::process::CommandExt;
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec(),
+        Err(e) => e,
+    };
+    eprintln!("edge-agent: restarting failed: {err}; exiting so the service manager restarts it");
+    std::process::exit(75);
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Enroll {
@@ -113,10 +127,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             allow_private_targets,
             worker_threads,
         } => {
-            let mut cfg = match config {
-                Some(path) => AgentConfig::load(&path)?,
+            let mut cfg = match &config {
+                Some(path) => AgentConfig::load(path)?,
                 None => AgentConfig::default(),
             };
+            cfg.config_path = config;
+            edge_agent::commands::install_restarter(std::sync::Arc::new(reexec));
             if let Some(d) = state_dir {
                 cfg.state_dir = d;
             }

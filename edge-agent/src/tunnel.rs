@@ -13,13 +13,14 @@ use rand::Rng;
 use shared::quic::framed::{read_frame, write_frame};
 use shared::quic::transport::agent_transport;
 use shared::wire::{
-    Command, CommandKind, CommandResult, ControlMsg, DeviceFacts, DeviceKind, Event, Heartbeat,
-    Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RejectCode, SERVER_NAME, close_code,
+    CommandResult, ControlMsg, DeviceFacts, DeviceKind, Event, Heartbeat, Hello,
+    MIN_PROTOCOL_VERSION, MqttGrant, PROTOCOL_VERSION, RejectCode, SERVER_NAME, close_code,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::commands::{Claim, Executor};
 use crate::config::AgentConfig;
 use crate::exits::Exits;
 use crate::forward::{FlowCounters, serve_flow};
@@ -59,9 +60,31 @@ pub async fn run_with_stats(
         crate::tls::device_client_config(&identity.ca_der, &identity.cert_der, &identity.key_der)?;
     client.transport_config(agent_transport(&cfg.liveness()));
     let exits = Arc::new(crate::exits::Exits::from_config(&cfg.exits).map_err(anyhow::Error::msg)?);
+    let exec = Arc::new(Executor::new(
+        exits.clone(),
+        &cfg.state_dir,
+        cfg.config_path.clone(),
+        cfg.reboot_command.clone(),
+        crate::commands::restarter(),
+    ));
     let span = info_span!("agent", device = %identity.meta.device_id);
     async move {
         info!(control_plane = %addr_text, exits = exits.all().len(), "agent starting");
+        let stored = crate::mqtt::load_grant(&cfg.state_dir);
+        let (grant_tx, grant_rx) = tokio::sync::watch::channel(stored.filter(|_| cfg.mqtt_enabled));
+        let (tunnel_tx, tunnel_rx) = tokio::sync::watch::channel(false);
+        if cfg.mqtt_enabled {
+            tokio::spawn(crate::mqtt::run(
+                exec.clone(),
+                crate::mqtt::Inputs {
+                    grant: grant_rx,
+                    tunnel_up: tunnel_rx,
+                    url_override: cfg.mqtt_url.clone(),
+                    state_dir: cfg.state_dir.clone(),
+                },
+                shutdown.clone(),
+            ));
+        }
         let events = spawn_link_watch(&exits, &shutdown);
         spawn_telemetry(&exits, Duration::from_secs(cfg.telemetry_secs), &shutdown);
         let mut endpoint: Option<(SocketAddr, Endpoint)> = None;
@@ -88,6 +111,9 @@ pub async fn run_with_stats(
                     cfg: &cfg,
                     stats: &stats,
                     exits: &exits,
+                    exec: &exec,
+                    grant: &grant_tx,
+                    tunnel: &tunnel_tx,
                     events: &events,
                     shutdown: &shutdown,
                 };
@@ -147,6 +173,9 @@ struct SessionCtx<'a> {
     cfg: &'a AgentConfig,
     stats: &'a Arc<AgentStats>,
     exits: &'a Arc<Exits>,
+    exec: &'a Arc<Executor>,
+    grant: &'a tokio::sync::watch::Sender<Option<MqttGrant>>,
+    tunnel: &'a tokio::sync::watch::Sender<bool>,
     events: &'a broadcast::Sender<Event>,
     shutdown: &'a CancellationToken,
 }
@@ -216,61 +245,6 @@ fn spawn_telemetry(exits: &Arc<Exits>, every: Duration, shutdown: &CancellationT
     });
 }
 
-/// Run a command from the control plane; rotations take seconds, so this
-/// runs beside the session loop.
-async fn run_command(
-    cmd: Command,
-    exits: &Exits,
-    echo_url: &str,
-    conn: &Connection,
-) -> CommandResult {
-    let unknown = |exit: &str| {
-        (
-            false,
-            format!(
-                "this agent has no exit {exit:?} (exits: {})",
-                exits
-                    .all()
-                    .iter()
-                    .map(|e| e.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            None,
-        )
-    };
-    let (ok, message, detail) = match cmd.kind {
-        CommandKind::Ping => (true, "pong".to_string(), None),
-        CommandKind::CheckIp { exit } => match exits.get(&exit) {
-            Some(e) => e.check_ip(echo_url).await,
-            None => unknown(&exit),
-        },
-        CommandKind::Rotate {
-            exit,
-            rung,
-            limit_ms,
-        } => match exits.get(&exit) {
-            Some(e) => {
-                let limit = Duration::from_millis(u64::from(limit_ms).clamp(1000, 900_000));
-                e.rotate(rung, limit, echo_url).await
-            }
-            None => unknown(&exit),
-        },
-        kind @ CommandKind::SelfUpdate { .. } => crate::update::self_update(conn, kind).await,
-        other => (
-            false,
-            format!("command {other:?} is not supported by this agent version"),
-            None,
-        ),
-    };
-    CommandResult {
-        id: cmd.id,
-        ok,
-        message,
-        detail,
-    }
-}
-
 async fn session(
     endpoint: &Endpoint,
     addr: SocketAddr,
@@ -281,6 +255,9 @@ async fn session(
         cfg,
         stats,
         exits,
+        exec,
+        grant,
+        tunnel,
         events,
         shutdown,
     } = ctx;
@@ -357,12 +334,21 @@ async fn session(
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + hb_every, hb_every);
     let started = Instant::now();
     let mut seq = 0u64;
-    let echo_url: Arc<str> = cfg
+    let echo_url = cfg
         .ip_echo_url
         .clone()
-        .unwrap_or_else(|| welcome.ip_echo_url.clone())
-        .into();
-    let (result_tx, mut results) = tokio::sync::mpsc::channel::<CommandResult>(16);
+        .unwrap_or_else(|| welcome.ip_echo_url.clone());
+    exec.set_echo_url(&echo_url);
+    if cfg.mqtt_enabled && *grant.borrow() != welcome.mqtt {
+        if let Err(e) = crate::mqtt::store_grant(&cfg.state_dir, welcome.mqtt.as_ref()) {
+            warn!("keeping the MQTT credentials failed: {e}");
+        }
+        grant.send_replace(welcome.mqtt.clone());
+    }
+    tunnel.send_replace(true);
+    exec.set_connection(Some(conn.clone()));
+    let (result_tx, mut results) =
+        tokio::sync::mpsc::channel::<(CommandResult, crate::commands::After)>(16);
     let mut events = events.subscribe();
 
     let end = loop {
@@ -384,24 +370,38 @@ async fn session(
             },
             msg = read_frame::<ControlMsg>(&mut recv, &mut buf) => match msg {
                 Ok(Some(ControlMsg::Command(cmd))) => {
-                    let exits = exits.clone();
                     let tx = result_tx.clone();
-                    let echo_url = echo_url.clone();
-                    let conn = conn.clone();
-                    tokio::spawn(async move {
-                        let r = run_command(cmd, &exits, &echo_url, &conn).await;
-                        let _ = tx.send(r).await;
-                    });
+                    match exec.claim(&cmd.id, crate::mqtt::persist(&cmd.kind)) {
+                        Claim::Run => {
+                            let exec = exec.clone();
+                            tokio::spawn(async move {
+                                let _ = tx.send(exec.run(cmd).await).await;
+                            });
+                        }
+                        Claim::Done(done) => {
+                            // Sent again (e.g. after it went out on MQTT):
+                            // never run twice; answer with what is known.
+                            let r = done.unwrap_or_else(|| CommandResult {
+                                message: format!("command {} was already run by this agent", cmd.id),
+                                id: cmd.id,
+                                ok: false,
+                                detail: None,
+                            });
+                            let _ = tx.send((r, crate::commands::After::Nothing)).await;
+                        }
+                    }
                 }
                 Ok(Some(ControlMsg::Probe)) => {}
                 Ok(Some(other)) => debug!(?other, "ignoring control message"),
                 Ok(None) => break SessionEnd::Closed("control stream ended".into()),
                 Err(e) => break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string())),
             },
-            Some(r) = results.recv() => {
+            Some((r, after)) = results.recv() => {
                 if let Err(e) = write_frame(&mut send, &ControlMsg::CommandResult(r)).await {
                     break SessionEnd::Closed(close_text(&conn).unwrap_or_else(|| e.to_string()));
                 }
+                let exec = exec.clone();
+                tokio::spawn(async move { exec.after(after).await });
             }
             ev = events.recv() => {
                 if let Ok(ev) = ev
@@ -428,6 +428,8 @@ async fn session(
         }
     };
     stats.online.store(0, Ordering::Relaxed);
+    tunnel.send_replace(false);
+    exec.set_connection(None);
     Ok(end)
 }
 

@@ -21,6 +21,7 @@
 pub mod config_file;
 pub mod enroll;
 pub mod files;
+pub mod mqtt;
 pub mod policy;
 pub mod release;
 pub mod target;

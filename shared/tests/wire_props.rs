@@ -121,7 +121,8 @@ fn command_kind() -> impl Strategy<Value = CommandKind> {
         text().prop_map(|exit| CommandKind::CheckIp { exit }),
         Just(CommandKind::RestartAgent),
         Just(CommandKind::Reboot),
-        Just(CommandKind::SpeedTest),
+        (proptest::option::of("[a-z0-9_-]{1,32}"), any::<u32>())
+            .prop_map(|(exit, bytes)| CommandKind::SpeedTest { exit, bytes }),
         ".{0,200}".prop_map(|toml| CommandKind::UpdateConfig { toml }),
         (text(), text(), any::<[u8; 32]>(), any::<u64>(), bytes(80)).prop_map(
             |(version, target, sha256, size, signature)| CommandKind::SelfUpdate {
@@ -257,6 +258,14 @@ fn command_detail() -> BoxedStrategy<CommandDetail> {
                 }
             }),
         (text(), text()).prop_map(|(exit, ip)| CommandDetail::Ip { exit, ip }),
+        (text(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            |(exit, bytes, millis, first_byte_ms)| CommandDetail::SpeedTest {
+                exit,
+                bytes,
+                millis,
+                first_byte_ms,
+            }
+        ),
     ]
     .boxed()
 }
@@ -298,6 +307,7 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
             proptest::collection::vec(any::<u16>(), 0..=MAX_LIST_ITEMS),
             proptest::collection::vec(any::<std::net::IpAddr>(), 0..=4),
             text(),
+            proptest::option::of((text(), text(), text(), text())),
         )
             .prop_map(
                 |(
@@ -308,6 +318,7 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
                     protected_ports,
                     protected_ips,
                     ip_echo_url,
+                    mqtt,
                 )| {
                     ControlMsg::Welcome(Welcome {
                         version,
@@ -317,6 +328,12 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
                         protected_ports,
                         protected_ips,
                         ip_echo_url,
+                        mqtt: mqtt.map(|(url, username, password, topic_prefix)| MqttGrant {
+                            url,
+                            username,
+                            password,
+                            topic_prefix,
+                        }),
                     })
                 }
             ),
@@ -344,10 +361,9 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
                     })
                 }
             ),
-        (any::<u64>(), command_kind())
-            .prop_map(|(id, kind)| ControlMsg::Command(Command { id, kind })),
+        (text(), command_kind()).prop_map(|(id, kind)| ControlMsg::Command(Command { id, kind })),
         (
-            any::<u64>(),
+            text(),
             any::<bool>(),
             text(),
             proptest::option::of(command_detail())
@@ -654,6 +670,7 @@ fn huge_port_list_is_refused_cheaply() {
             protected_ports: vec![8080; n],
             protected_ips: vec![],
             ip_echo_url: String::new(),
+            mqtt: None,
         })
     };
     let mut ok = BytesMut::from(&frame_to_vec(&welcome(MAX_LIST_ITEMS)).unwrap()[..]);

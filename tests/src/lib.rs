@@ -23,6 +23,7 @@ pub mod harness {
     pub mod api;
     pub mod cluster;
     pub mod curl;
+    pub mod mosquitto;
     pub mod postgres;
     pub mod process;
     pub mod socks;
@@ -36,6 +37,7 @@ pub mod testbed;
 pub use harness::api::{Api, ApiResponse, raw_exchange};
 pub use harness::cluster::{Addrs, Agent, AgentLaunch, Cluster, ClusterOpts};
 pub use harness::curl::{Curl, CurlResult, CurlRun, curl};
+pub use harness::mosquitto::Mosquitto;
 pub use harness::postgres::Postgres;
 pub use harness::process::{Proc, control_plane_bin, edge_agent_bin, raise_fd_limit, run_bounded};
 pub use harness::socks::{SocksOutcome, SocksTarget, socks5_attempt};

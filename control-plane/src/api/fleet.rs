@@ -51,6 +51,7 @@ pub fn admin_routes() -> Router<Shared> {
 pub fn public_routes() -> Router<Shared> {
     Router::new()
         .route("/ip", get(ip_echo))
+        .route("/speedtest", get(speed_test))
         .route("/rotate/{token}", get(use_link).post(use_link))
 }
 
@@ -544,6 +545,40 @@ pub(super) fn public_outcome(
         Err(RotateError::Store(e)) => return ApiError::from(e).into_response(),
     };
     (status, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct SpeedQuery {
+    bytes: Option<u64>,
+}
+
+/// `GET /speedtest?bytes=N`: N bytes of zeros (at most 100 MB), which
+/// agents download through an exit for the speed-test command.
+async fn speed_test(Query(q): Query<SpeedQuery>) -> Response {
+    let total = q
+        .bytes
+        .unwrap_or(u64::from(crate::commands::SPEED_TEST_BYTES))
+        .min(u64::from(crate::commands::MAX_SPEED_TEST_BYTES));
+    const CHUNK: u64 = 64 * 1024;
+    let zeros = Bytes::from(vec![0u8; CHUNK as usize]);
+    let body = futures::stream::unfold(total, move |left| {
+        let zeros = zeros.clone();
+        async move {
+            (left > 0).then(|| {
+                let n = left.min(CHUNK);
+                (Ok::<_, std::io::Error>(zeros.slice(..n as usize)), left - n)
+            })
+        }
+    });
+    (
+        [
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::CONTENT_LENGTH, total.to_string()),
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// `GET /ip`: the caller's address as plain text.

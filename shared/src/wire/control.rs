@@ -181,6 +181,20 @@ pub struct Welcome {
     /// Where the agent reads an exit's public address (plain-text IP-echo
     /// endpoint); the agent's own configuration may override it.
     pub ip_echo_url: String,
+    /// The device's MQTT broker credentials when the control plane uses a
+    /// broker; the agent keeps them so commands reach it over MQTT while the
+    /// tunnel is down.
+    pub mqtt: Option<MqttGrant>,
+}
+
+/// Where and how a device connects to the MQTT broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MqttGrant {
+    /// `mqtt://host:port`.
+    pub url: String,
+    pub username: String,
+    pub password: String,
+    pub topic_prefix: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,7 +226,9 @@ pub struct Heartbeat {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
-    pub id: u64,
+    /// Unique per command (see [`crate::mqtt::valid_command_id`]); an agent
+    /// runs a given id at most once, whichever way it arrives.
+    pub id: String,
     pub kind: CommandKind,
 }
 
@@ -232,7 +248,12 @@ pub enum CommandKind {
     },
     RestartAgent,
     Reboot,
-    SpeedTest,
+    /// Download `bytes` from the IP echo's `/speedtest` through an exit.
+    /// Answered with [`CommandDetail::SpeedTest`].
+    SpeedTest {
+        exit: Option<String>,
+        bytes: u32,
+    },
     UpdateConfig {
         toml: String,
     },
@@ -252,7 +273,7 @@ pub enum CommandKind {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResult {
-    pub id: u64,
+    pub id: String,
     pub ok: bool,
     pub message: String,
     pub detail: Option<CommandDetail>,
@@ -274,6 +295,12 @@ pub enum CommandDetail {
     Ip {
         exit: String,
         ip: String,
+    },
+    SpeedTest {
+        exit: String,
+        bytes: u64,
+        millis: u32,
+        first_byte_ms: u32,
     },
 }
 

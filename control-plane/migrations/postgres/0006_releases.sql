@@ -1,4 +1,4 @@
--- cellgate schema v5: signed agent releases, device updates, rollouts.
+-- cellgate schema v6: signed agent releases, device updates, rollouts.
 -- Same text for SQLite and PostgreSQL but for the blob type; keep both
 -- files in step.
 
