@@ -18,6 +18,9 @@ use crate::procs::{Procs, which};
 /// Proxy credentials used for every peer that supports them.
 pub const USER: &str = "bench";
 pub const PASS: &str = "benchpass";
+/// cellgate's data directory and ready file, under the bench's work directory.
+pub const CELLGATE_DATA: &str = "cellgate-data";
+pub const CELLGATE_READY: &str = "cellgate-ready.json";
 /// How long a freshly started peer gets to carry its first connection.
 pub const READY_WITHIN: Duration = Duration::from_secs(20);
 
@@ -467,13 +470,13 @@ pub async fn start_cellgate(ctx: &Ctx, cg: &Cellgate) -> Result<(Route, Route), 
             ));
         }
     }
-    let data = ctx.work.join("cellgate-data");
+    let data = ctx.work.join(CELLGATE_DATA);
     let state = ctx.work.join("cellgate-agent");
     for d in [&data, &state] {
         let _ = std::fs::remove_dir_all(d);
         std::fs::create_dir_all(d).map_err(|e| format!("create {}: {e}", d.display()))?;
     }
-    let ready = ctx.work.join("cellgate-ready.json");
+    let ready = ctx.work.join(CELLGATE_READY);
     let _ = std::fs::remove_file(&ready);
     let env = [("RUST_LOG", "warn")];
     let cp_log = ctx.work.join("control-plane.log");
@@ -629,7 +632,7 @@ async fn wait_ready_file(
 }
 
 /// Runs a short admin command (bounded); returns its stdout.
-async fn admin(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
+pub async fn admin(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<String, String> {
     let shown = format!(
         "`{} {}`",
         bin.file_name().unwrap_or_default().to_string_lossy(),

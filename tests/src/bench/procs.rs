@@ -332,6 +332,29 @@ pub fn session_cpu_secs(sid: u32) -> f64 {
     ticks as f64 / hz
 }
 
+/// CPU seconds (user + system, including reaped children) of one process.
+pub fn pid_cpu_secs(pid: u32) -> f64 {
+    read_stat(pid).map_or(0.0, |s| s.ticks as f64 / clock_ticks_per_sec())
+}
+
+/// Resident set size (KiB, `VmRSS`) summed over session `sid`.
+pub fn session_rss_kib(sid: u32) -> u64 {
+    session_members(sid)
+        .into_iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|t| parse_status_kib(&t, "VmRSS:"))
+        .sum()
+}
+
+/// A `kB` field of `/proc/PID/status`.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Proportional set size (KiB) summed over session `sid`.
 pub fn session_pss_kib(sid: u32) -> u64 {
     session_members(sid)
@@ -398,6 +421,13 @@ mod tests {
         let st = parse_stat(s).unwrap();
         assert_eq!(st.session, 42);
         assert_eq!(st.ticks, 7 + 3 + 2 + 1);
+    }
+
+    #[test]
+    fn status_rss_line() {
+        let t = "Name:\tcp\nVmHWM:\t  9000 kB\nVmRSS:\t  8123 kB\n";
+        assert_eq!(parse_status_kib(t, "VmRSS:"), Some(8123));
+        assert_eq!(parse_status_kib(t, "VmSwap:"), None);
     }
 
     #[test]

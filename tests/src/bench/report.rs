@@ -58,6 +58,8 @@ pub struct Results {
     pub s4: HashMap<(String, usize), Runs>,
     /// route → (connections asked for, outcome)
     pub s5: Vec<(String, usize, Result<Idle, String>)>,
+    /// S6 (active connections), when it ran; it renders itself.
+    pub s6: Option<crate::s6::S6Results>,
     pub meta: Vec<String>,
     /// Peer processes that exited during the run (they should not).
     pub exits: Vec<String>,
@@ -233,6 +235,9 @@ impl Results {
         self.render_s3(&mut o);
         self.render_s4(&mut o);
         self.render_s5(&mut o);
+        if let Some(s6) = &self.s6 {
+            o.push_str(&s6.markdown());
+        }
         self.render_targets(&mut o);
         self.render_errors(&mut o);
         o

@@ -1,7 +1,7 @@
 //! `bench`: the side-by-side benchmark of cellgate against its peers.
 //!
 //! ```text
-//! cargo run --release -p tests --bin bench               # full run (≈ 5–10 min)
+//! cargo run --release -p tests --bin bench               # full run (≈ 10–15 min)
 //! cargo run --release -p tests --bin bench -- --quick    # smoke run (≈ 1–2 min)
 //! ```
 //!
@@ -10,7 +10,9 @@
 //! `--no-build`), starts the sink, microsocks, dante, rathole (TCP and Noise),
 //! an iperf3 server and cellgate (control plane + edge agent) on 127.0.0.1,
 //! each in its own session, then runs interleaved rounds of S1 (bulk), S3
-//! (connection rate) and S4 (latency), then S5 (idle memory) once, and prints
+//! (connection rate) and S4 (latency), then S5 (idle memory) once, then S6
+//! (1,000 and 10,000 active connections, one 1 KiB GET per second each,
+//! under a plan so limits and accounting run) once, last, and prints
 //! a markdown table of medians, ratios and targets (also written to `--out`,
 //! default `target/bench-report.md`). Every peer is stopped by PID on exit,
 //! error, Ctrl-C, SIGTERM and SIGHUP. A peer that cannot start is "n/a"; a
@@ -24,6 +26,8 @@ mod peers;
 mod procs;
 #[path = "../bench/report.rs"]
 mod report;
+#[path = "../bench/s6.rs"]
+mod s6;
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -77,9 +81,26 @@ struct Args {
     /// cellgate-socks5, microsocks, dante, rathole-tcp, rathole-noise).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Scenarios to run, comma-separated (s1, s3, s4, s5).
-    #[arg(long, value_delimiter = ',', default_value = "s1,s3,s4,s5")]
+    /// Scenarios to run, comma-separated (s1, s3, s4, s5, s6).
+    #[arg(long, value_delimiter = ',', default_value = "s1,s3,s4,s5,s6")]
     scenarios: Vec<String>,
+    /// S6 connection counts, run in this order (default 1000,10000; 1000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    s6_conns: Vec<usize>,
+    /// S6 measuring window in seconds (default 20, 5 with --quick).
+    #[arg(long)]
+    s6_secs: Option<f64>,
+    /// S6 wait between "every connection open" and the window.
+    #[arg(long, default_value_t = 3.0)]
+    s6_settle_secs: f64,
+    /// S6 routes, comma-separated (direct, cellgate-http, cellgate-connect,
+    /// cellgate-socks5); `direct` is the physical reference.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,cellgate-http,cellgate-socks5"
+    )]
+    s6_via: Vec<String>,
     /// Bound on `cargo build` of cellgate.
     #[arg(long, default_value_t = 1800)]
     build_timeout_secs: u64,
@@ -441,6 +462,20 @@ async fn run(args: Args, root: PathBuf, work: PathBuf, procs: Procs) -> anyhow::
         }
     }
 
+    // S6 last: it puts the bench customer on a plan.
+    if scen("s6") {
+        results.s6 = Some(
+            active(
+                &ctx,
+                &args,
+                &routes,
+                &cellgate_dir.join("control-plane"),
+                &work,
+            )
+            .await,
+        );
+    }
+
     for route in &routes {
         for (label, pid) in &route.sides {
             if let Some(st) = procs.exited(*pid) {
@@ -513,6 +548,95 @@ async fn measured(
         .map(|((label, pid), b)| (label.clone(), procs::session_cpu_secs(*pid) - b))
         .collect();
     Ok(Sample { v, cpu })
+}
+
+/// S6: starts the origin, puts the bench customer on a plan, then runs every
+/// via at each connection count (direct first, as the reference).
+async fn active(
+    ctx: &Ctx,
+    args: &Args,
+    routes: &[Route],
+    control_plane: &Path,
+    work: &Path,
+) -> s6::S6Results {
+    let plan = s6::Plan6 {
+        conns: if args.s6_conns.is_empty() {
+            if args.quick {
+                vec![1000]
+            } else {
+                vec![1000, 10_000]
+            }
+        } else {
+            args.s6_conns.clone()
+        },
+        window_secs: args.s6_secs.unwrap_or(if args.quick { 5.0 } else { 20.0 }),
+        settle_secs: args.s6_settle_secs,
+        vias: args.s6_via.clone(),
+    };
+    let mut out = s6::S6Results {
+        plan: plan.clone(),
+        ..Default::default()
+    };
+    let (origin_pid, origin) = match s6::start_origin(ctx).await {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("bench:   S6: origin failed to start: {e}");
+            out.plan_note = format!("origin failed to start: {e}");
+            return out;
+        }
+    };
+    let (vias, missing) = s6::vias(&plan.vias, routes, origin, origin_pid);
+    let cellgate_up = vias.iter().any(|v| v.name.starts_with("cellgate"));
+    let mut api = None;
+    out.plan_note = if cellgate_up {
+        let applied = async {
+            let a = s6::Api::connect(control_plane, work).await?;
+            let note = s6::apply_plan(&a).await?;
+            api = Some(a);
+            Ok::<_, String>(note)
+        };
+        match applied.await {
+            Ok(note) => note,
+            Err(e) => {
+                eprintln!("bench:   S6: could not apply the plan: {e}");
+                format!("**No plan applied** ({e}): limits did not run")
+            }
+        }
+    } else {
+        "cellgate not running".into()
+    };
+    for &n in &plan.conns {
+        for (name, why) in &missing {
+            out.runs.push((name.clone(), n, Err(why.clone())));
+        }
+        for via in &vias {
+            settle().await;
+            // Let the previous run's sockets finish closing.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let r = s6::run(ctx, via, n, &plan, api.as_ref()).await;
+            match &r {
+                Ok(m) => eprintln!(
+                    "bench:   S6 {} {n}: {} ok, {} errors, p99 {} ms; {}",
+                    via.name,
+                    m.v["requests"],
+                    m.v["errors"],
+                    m.v["p99_ms"],
+                    m.cpu
+                        .iter()
+                        .map(|(l, c)| format!("{l} {:.1} %", 100.0 * c / m.window_secs))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => eprintln!(
+                    "bench:   S6 {} {n}: failed: {}",
+                    via.name,
+                    peers::tail(e, 200)
+                ),
+            }
+            out.runs.push((via.name.clone(), n, r));
+        }
+    }
+    out
 }
 
 /// S5: opens `conns` connections through `route` with `lg idle` and samples

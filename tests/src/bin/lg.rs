@@ -15,7 +15,19 @@
 //! lg --proxy socks5://u:p@127.0.0.1:1080 --target 127.0.0.1:9000 cps --workers 32 --duration-secs 3
 //! lg --proxy http://u:p@127.0.0.1:8080 --target 127.0.0.1:9000 rtt --size 64 --count 2000
 //! lg --proxy socks5://127.0.0.1:1080 --target 127.0.0.1:9000 idle --conns 10000 --hold-secs 5
+//! lg --proxy http://u:p@127.0.0.1:8080 --target 127.0.0.1:9100 active --conns 1000 --forward
+//! lg serve-http --listen 127.0.0.1:0
 //! ```
+//!
+//! `active` and `serve-http` speak HTTP/1.1 instead of the sink protocol:
+//! `serve-http` is a keep-alive origin answering `GET /r/N` with N zero bytes,
+//! and `active` holds N keep-alive connections to it, each sending one GET per
+//! interval (through a CONNECT or SOCKS5 tunnel, straight, or with `--forward`
+//! as absolute-form requests to the HTTP proxy). It prints
+//! `{"phase":"established"}` once every connection is open,
+//! `{"phase":"window"}` when its measuring window starts and
+//! `{"phase":"window_end"}` when it ends, so a harness can read CPU counters
+//! at the same moments.
 #![forbid(unsafe_code)]
 
 #[path = "../bench/proto.rs"]
@@ -37,7 +49,9 @@ use tokio::task::JoinSet;
 const STALL: Duration = Duration::from_millis(10);
 
 #[derive(Parser, Debug)]
-#[command(about = "Load generator: bulk, cps, rtt and idle through SOCKS5 / HTTP CONNECT / direct")]
+#[command(
+    about = "Load generator: bulk, cps, rtt, idle and active through SOCKS5 / HTTP CONNECT / direct"
+)]
 struct Args {
     /// Proxy URL: socks5://[user:pass@]host:port or http://[user:pass@]host:port.
     #[arg(long, global = true, conflicts_with = "direct")]
@@ -51,7 +65,7 @@ struct Args {
     /// Hard bound on the whole run.
     #[arg(long, global = true, default_value_t = 300)]
     timeout_secs: u64,
-    /// Runtime threads; 0 = 1 for bulk/rtt (current-thread), one per core for cps/idle.
+    /// Runtime threads; 0 = 1 for bulk/rtt (current-thread), one per core otherwise.
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
     #[command(subcommand)]
@@ -102,6 +116,42 @@ enum Mode {
         #[arg(long, default_value_t = 10.0)]
         open_timeout_secs: f64,
     },
+    /// N keep-alive HTTP connections to a `serve-http` origin, each sending
+    /// one GET per interval; latency is counted over a window that starts
+    /// `--settle-secs` after every connection is open.
+    Active {
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Time between two requests of one connection.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 1024)]
+        response_bytes: u64,
+        /// Wait between "all open" and the start of the window.
+        #[arg(long, default_value_t = 3.0)]
+        settle_secs: f64,
+        #[arg(long, default_value_t = 20.0)]
+        window_secs: f64,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Per-connection bound on open + handshake.
+        #[arg(long, default_value_t = 15.0)]
+        open_timeout_secs: f64,
+        /// Per-request bound; a slower request counts as an error.
+        #[arg(long, default_value_t = 10.0)]
+        request_timeout_secs: f64,
+        /// With an http:// proxy: absolute-form requests (`GET http://target/…`,
+        /// credentials on every request) instead of a CONNECT tunnel.
+        #[arg(long)]
+        forward: bool,
+    },
+    /// The HTTP/1.1 origin for `active`: `GET /r/N` answers N zero bytes,
+    /// keep-alive. Prints `listening ADDR` first.
+    ServeHttp {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
 }
 
 impl Mode {
@@ -111,6 +161,8 @@ impl Mode {
             Mode::Cps { .. } => "cps",
             Mode::Rtt { .. } => "rtt",
             Mode::Idle { .. } => "idle",
+            Mode::Active { .. } => "active",
+            Mode::ServeHttp { .. } => "serve-http",
         }
     }
 }
@@ -155,6 +207,9 @@ fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
+    if let Mode::ServeHttp { listen } = &args.mode {
+        return serve_http(listen).await;
+    }
     let target = args
         .target
         .clone()
@@ -201,6 +256,31 @@ async fn run(args: Args) -> anyhow::Result<serde_json::Value> {
             )
             .await?
         }
+        Mode::Active {
+            conns,
+            interval_ms,
+            response_bytes,
+            settle_secs,
+            window_secs,
+            concurrency,
+            open_timeout_secs,
+            request_timeout_secs,
+            forward,
+        } => {
+            let opts = ActiveOpts {
+                conns,
+                interval: Duration::from_millis(interval_ms.max(1)),
+                response_bytes,
+                settle: secs(settle_secs),
+                window: secs(window_secs),
+                concurrency,
+                open_timeout: secs(open_timeout_secs),
+                request_timeout: secs(request_timeout_secs),
+                forward,
+            };
+            active(dialer.clone(), opts).await?
+        }
+        Mode::ServeHttp { .. } => unreachable!("handled above"),
     };
     out["via"] = json!(dialer.label());
     Ok(out)
@@ -279,12 +359,18 @@ impl Dialer {
         }
     }
 
-    /// A connected stream to the sink, handshake done.
-    async fn dial(&self) -> anyhow::Result<TcpStream> {
-        let mut s = TcpStream::connect(self.connect_to)
+    /// A TCP connection to the proxy (or the target when direct), no handshake.
+    async fn dial_tcp(&self) -> anyhow::Result<TcpStream> {
+        let s = TcpStream::connect(self.connect_to)
             .await
             .with_context(|| format!("connect {}", self.connect_to))?;
         s.set_nodelay(true)?;
+        Ok(s)
+    }
+
+    /// A connected stream to the sink, handshake done.
+    async fn dial(&self) -> anyhow::Result<TcpStream> {
+        let mut s = self.dial_tcp().await?;
         match &self.kind {
             ProxyKind::Direct => {}
             ProxyKind::Socks5 { auth } => socks5_handshake(&mut s, auth.as_ref(), &self.target)
@@ -698,6 +784,346 @@ async fn idle(
         "hold_secs": hold.as_secs_f64(),
         "first_error": first_error,
     }))
+}
+
+// ---------------------------------------------------------------------------
+// Active HTTP connections (S6) and their origin
+// ---------------------------------------------------------------------------
+
+struct ActiveOpts {
+    conns: usize,
+    interval: Duration,
+    response_bytes: u64,
+    settle: Duration,
+    window: Duration,
+    concurrency: usize,
+    open_timeout: Duration,
+    request_timeout: Duration,
+    forward: bool,
+}
+
+/// Where the run is: before the window, in it, or past it (tasks stop).
+const WARMING: u8 = 0;
+const MEASURING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// What one connection's task saw.
+#[derive(Default)]
+struct ConnStats {
+    opened: bool,
+    open_error: Option<String>,
+    /// Requests started in the window that completed, with their latency (µs).
+    lat_us: Vec<u32>,
+    /// Requests started in the window that failed or timed out.
+    errors: u64,
+    first_error: Option<String>,
+    /// Connections re-opened after a failed request.
+    reopened: u64,
+    /// Requests of any phase that completed.
+    total_ok: u64,
+}
+
+async fn active(dialer: Dialer, o: ActiveOpts) -> anyhow::Result<serde_json::Value> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    let request = {
+        let path = format!("/r/{}", o.response_bytes);
+        let host = &dialer.target;
+        match (&dialer.kind, o.forward) {
+            (ProxyKind::Http { authorization }, true) => {
+                let auth = authorization
+                    .as_ref()
+                    .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+                    .unwrap_or_default();
+                format!("GET http://{host}{path} HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n")
+            }
+            (_, true) => bail!("--forward needs an http:// proxy"),
+            _ => format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+        }
+    };
+    let request: Arc<[u8]> = Arc::from(request.into_bytes());
+    let phase = Arc::new(AtomicU8::new(WARMING));
+    let settled = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let opening = Arc::new(tokio::sync::Semaphore::new(o.concurrency.max(1)));
+    let start = Instant::now();
+    let mut set = JoinSet::new();
+    for _ in 0..o.conns {
+        let dialer = dialer.clone();
+        let request = request.clone();
+        let phase = phase.clone();
+        let settled = settled.clone();
+        let opening = opening.clone();
+        let mut stop = stop_rx.clone();
+        let (interval, open_timeout, request_timeout, forward) =
+            (o.interval, o.open_timeout, o.request_timeout, o.forward);
+        set.spawn(async move {
+            let mut st = ConnStats::default();
+            let open = |dialer: Dialer| async move {
+                tokio::time::timeout(open_timeout, async {
+                    if forward {
+                        dialer.dial_tcp().await
+                    } else {
+                        dialer.dial().await
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("open timed out")))
+            };
+            let first = {
+                let _permit = opening.acquire().await;
+                open(dialer.clone()).await
+            };
+            settled.fetch_add(1, Ordering::Relaxed);
+            let mut conn = match first {
+                Ok(s) => {
+                    st.opened = true;
+                    Some(s)
+                }
+                Err(e) => {
+                    st.open_error = Some(format!("{e:#}"));
+                    return st;
+                }
+            };
+            // Spread the connections over the interval.
+            let offset = Duration::from_micros(
+                rand::random::<u64>() % u64::try_from(interval.as_micros()).unwrap_or(1).max(1),
+            );
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut buf: Vec<u8> = Vec::with_capacity(4096);
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = stop.changed() => break,
+                }
+                let in_window = match phase.load(Ordering::Relaxed) {
+                    STOPPED => break,
+                    p => p == MEASURING,
+                };
+                let s = match conn.as_mut() {
+                    Some(s) => s,
+                    None => match open(dialer.clone()).await {
+                        Ok(s) => {
+                            st.reopened += 1;
+                            conn.insert(s)
+                        }
+                        Err(e) => {
+                            if in_window {
+                                st.errors += 1;
+                                st.first_error
+                                    .get_or_insert_with(|| format!("reopen: {e:#}"));
+                            }
+                            continue;
+                        }
+                    },
+                };
+                let t0 = Instant::now();
+                let r = tokio::time::timeout(request_timeout, http_exchange(s, &request, &mut buf))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("request timed out")));
+                match r {
+                    Ok(()) => {
+                        st.total_ok += 1;
+                        if in_window {
+                            st.lat_us
+                                .push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                        }
+                    }
+                    Err(e) => {
+                        if in_window {
+                            st.errors += 1;
+                            st.first_error.get_or_insert_with(|| format!("{e:#}"));
+                        }
+                        conn = None;
+                        buf.clear();
+                    }
+                }
+            }
+            st
+        });
+    }
+    // Every connection opened (or failed to).
+    while settled.load(Ordering::Relaxed) < o.conns {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let open_seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"phase": "established", "open_seconds": round(open_seconds, 3)})
+    );
+    tokio::time::sleep(o.settle).await;
+    phase.store(MEASURING, Ordering::Relaxed);
+    let w0 = Instant::now();
+    println!("{}", json!({"phase": "window"}));
+    tokio::time::sleep(o.window).await;
+    phase.store(STOPPED, Ordering::Relaxed);
+    let window = w0.elapsed().as_secs_f64();
+    println!("{}", json!({"phase": "window_end"}));
+    let _ = stop_tx.send(true);
+
+    let mut lat: Vec<u64> = Vec::new();
+    let (mut opened, mut errors, mut reopened, mut total_ok) = (0usize, 0u64, 0u64, 0u64);
+    let mut open_errors = 0usize;
+    let mut first_open_error = None;
+    let mut first_error = None;
+    while let Some(r) = set.join_next().await {
+        let st = r.context("active connection task panicked")?;
+        if st.opened {
+            opened += 1;
+        } else {
+            open_errors += 1;
+            if first_open_error.is_none() {
+                first_open_error = st.open_error;
+            }
+        }
+        lat.extend(st.lat_us.iter().map(|&u| u64::from(u)));
+        errors += st.errors;
+        reopened += st.reopened;
+        total_ok += st.total_ok;
+        if first_error.is_none() {
+            first_error = st.first_error;
+        }
+    }
+    lat.sort_unstable();
+    let expected = opened as f64 * window / o.interval.as_secs_f64();
+    if let Some(e) = first_open_error.as_ref().or(first_error.as_ref()) {
+        eprintln!("lg active: {open_errors} open errors, {errors} request errors, first: {e}");
+    }
+    let ms = |us: f64| round(us / 1000.0, 3);
+    Ok(json!({
+        "mode": "active",
+        "forward": o.forward,
+        "conns": o.conns,
+        "opened": opened,
+        "open_errors": open_errors,
+        "open_seconds": round(open_seconds, 3),
+        "window_secs": round(window, 3),
+        "requests": lat.len(),
+        "expected_requests": round(expected, 0),
+        "req_per_s": round(lat.len() as f64 / window, 1),
+        "errors": errors,
+        "reopened": reopened,
+        "total_ok": total_ok,
+        "p50_ms": ms(pct(&lat, 50.0)),
+        "p99_ms": ms(pct(&lat, 99.0)),
+        "max_ms": ms(lat.last().copied().unwrap_or(0) as f64),
+        "first_open_error": first_open_error,
+        "first_error": first_error,
+    }))
+}
+
+/// Sends one request and reads one complete response (status 200, a
+/// `Content-Length` body) from a keep-alive connection.
+async fn http_exchange(s: &mut TcpStream, request: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    s.write_all(request).await.context("write request")?;
+    let (head_end, body_len) = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..pos]).context("non-UTF-8 response head")?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .with_context(|| format!("malformed response head {head:?}"))?;
+            if status != 200 {
+                bail!("answered {}", head.lines().next().unwrap_or_default());
+            }
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .context("response without Content-Length")?;
+            break (pos + 4, len);
+        }
+        if buf.len() > 16 * 1024 {
+            bail!("response head larger than 16 KiB");
+        }
+        read_more(s, buf).await?;
+    };
+    while buf.len() < head_end + body_len {
+        read_more(s, buf).await?;
+    }
+    buf.drain(..head_end + body_len);
+    Ok(())
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    buf.reserve(4096);
+    let n = s.read_buf(buf).await.context("read response")?;
+    if n == 0 {
+        bail!("connection closed mid-response");
+    }
+    Ok(())
+}
+
+/// The origin for `active`: keep-alive HTTP/1.1, `GET /r/N` answers N zero
+/// bytes (1 KiB for any other path). Runs until killed or `--timeout-secs`.
+async fn serve_http(listen: &str) -> anyhow::Result<serde_json::Value> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("bind {listen}"))?;
+    println!("listening {}", listener.local_addr()?);
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: let some connections end.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let _ = serve_http_conn(s).await;
+        });
+    }
+}
+
+async fn serve_http_conn(mut s: TcpStream) -> anyhow::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(2048);
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if buf.len() > 64 * 1024 {
+                bail!("request head too large");
+            }
+            buf.reserve(2048);
+            if s.read_buf(&mut buf).await? == 0 {
+                return Ok(());
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..pos]).into_owned();
+        buf.drain(..pos + 4);
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        let n = path
+            .rsplit_once("/r/")
+            .and_then(|(_, n)| n.parse::<usize>().ok())
+            .unwrap_or(1024)
+            .min(16 << 20);
+        let close = head.lines().any(|l| {
+            l.split_once(':').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("connection")
+                    && v.trim().eq_ignore_ascii_case("close")
+            })
+        });
+        out.clear();
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nContent-Type: application/octet-stream\r\n{}\r\n",
+                if close { "Connection: close\r\n" } else { "" }
+            )
+            .as_bytes(),
+        );
+        out.resize(out.len() + n, 0);
+        s.write_all(&out).await?;
+        if close {
+            return Ok(());
+        }
+    }
 }
 
 /// One 1-byte echo exchange.
