@@ -85,11 +85,8 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// Replace this process with a fresh start of the same binary and
 /// arguments (same PID, so a service manager sees no exit).
 fn reexec() {
-    use std::os::unix::process::CommandExt;
     let err = match std::env::current_exe() {
-        Ok(exe) => std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .exec(),
+        Ok(exe) => edge_agent::update::exec(&exe),
         Err(e) => e,
     };
     eprintln!("edge-agent: restarting failed: {err}; exiting so the service manager restarts it");
