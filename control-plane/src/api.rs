@@ -485,6 +485,7 @@ mod tests {
             "GET /api/v1/plans",
             "POST /api/v1/plans",
             "DELETE /api/v1/plans/{id}",
+            "PATCH /api/v1/plans/{id}",
             "PATCH /api/v1/customers/{id}/access",
             "GET /api/v1/customers/{id}/usage",
             "GET /api/v1/request-log",

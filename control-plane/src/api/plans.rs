@@ -19,7 +19,7 @@ use crate::usage::LogMode;
 pub fn admin_routes() -> Router<Shared> {
     Router::new()
         .route("/plans", get(list_plans).post(create_plan))
-        .route("/plans/{id}", delete(delete_plan))
+        .route("/plans/{id}", delete(delete_plan).patch(patch_plan))
         .route("/customers/{id}/access", axum::routing::patch(patch_access))
         .route("/customers/{id}/usage", get(customer_usage))
         .route("/request-log", get(request_log))
@@ -45,11 +45,17 @@ async fn list_plans(AxState(state): AxState<Shared>) -> ApiResult<Json<Vec<PlanR
     Ok(Json(state.store.plans().await?))
 }
 
-async fn create_plan(
-    AxState(state): AxState<Shared>,
-    body: Result<Json<NewPlan>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<PlanRow>)> {
-    let Json(b) = body?;
+/// A plan's editable fields, checked: what creation and editing store.
+struct ValidPlan {
+    limits: PlanLimits,
+    allowed_labels: Vec<String>,
+    strategy: Strategy,
+    log_mode: LogMode,
+}
+
+/// The one place a plan's fields are checked, for creation and editing
+/// alike (an edit is checked as the whole plan it produces).
+fn validate_plan(b: NewPlan) -> ApiResult<ValidPlan> {
     if !crate::tokens::valid_name(&b.name) {
         return Err(ApiError::bad_request(
             "name must be 1-64 characters: letters, digits, '.', '_' or '-'",
@@ -88,19 +94,133 @@ async fn create_plan(
     limits
         .validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let plan = PlanRow {
-        id: format!("plan-{}", hex::encode(rand::random::<[u8; 6]>())),
+    Ok(ValidPlan {
         limits,
         allowed_labels: b.allowed_labels,
         strategy,
         log_mode,
-        created_at: now_ms(),
-    };
-    state.store.insert_plan(&plan).await?;
+    })
+}
+
+/// Publish a created or edited plan to this node's plans cache at once,
+/// rather than at the next periodic reload (every 5 s, which is how other
+/// nodes on the same database learn of it). Cached logins hold a plan id,
+/// not a plan, so their next connection already finds the new limits.
+fn publish_plan(state: &crate::state::State, plan: &PlanRow) {
     if let Ok(mut m) = state.plans.write() {
         m.insert(plan.id.clone(), std::sync::Arc::new(plan.clone()));
     }
+}
+
+async fn create_plan(
+    AxState(state): AxState<Shared>,
+    body: Result<Json<NewPlan>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<PlanRow>)> {
+    let Json(b) = body?;
+    let v = validate_plan(b)?;
+    let plan = PlanRow {
+        id: format!("plan-{}", hex::encode(rand::random::<[u8; 6]>())),
+        limits: v.limits,
+        allowed_labels: v.allowed_labels,
+        strategy: v.strategy,
+        log_mode: v.log_mode,
+        created_at: now_ms(),
+    };
+    state.store.insert_plan(&plan).await?;
+    publish_plan(&state, &plan);
     Ok((StatusCode::CREATED, Json(plan)))
+}
+
+/// The fields of [`NewPlan`], each optional: a missing field keeps its
+/// value, `null` clears an optional limit (no limit) or puts back the
+/// default (`allowed_labels`, `strategy`, `log_mode`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanPatch {
+    #[serde(default, with = "serde_with_none")]
+    name: Option<Option<String>>,
+    #[serde(default, with = "serde_with_none")]
+    max_threads: Option<Option<u32>>,
+    #[serde(default, with = "serde_with_none")]
+    new_conn_per_sec: Option<Option<u32>>,
+    #[serde(default, with = "serde_with_none")]
+    bw_conn_bps: Option<Option<u64>>,
+    #[serde(default, with = "serde_with_none")]
+    bw_customer_bps: Option<Option<u64>>,
+    #[serde(default, with = "serde_with_none")]
+    quota_bytes: Option<Option<u64>>,
+    #[serde(default, with = "serde_with_none")]
+    allowed_ports: Option<Option<Vec<(u16, u16)>>>,
+    #[serde(default, with = "serde_with_none")]
+    allowed_labels: Option<Option<Vec<String>>>,
+    #[serde(default, with = "serde_with_none")]
+    strategy: Option<Option<String>>,
+    #[serde(default, with = "serde_with_none")]
+    log_mode: Option<Option<String>>,
+}
+
+impl PlanPatch {
+    /// The creation request this edit amounts to: the current plan with
+    /// the patch laid over it.
+    fn over(self, p: &PlanRow) -> ApiResult<NewPlan> {
+        let l = &p.limits;
+        let name = match self.name {
+            Some(Some(n)) => n,
+            Some(None) => return Err(ApiError::bad_request("name cannot be null")),
+            None => l.name.clone(),
+        };
+        Ok(NewPlan {
+            name,
+            max_threads: self.max_threads.unwrap_or(l.max_threads),
+            new_conn_per_sec: self.new_conn_per_sec.unwrap_or(l.new_conn_per_sec),
+            bw_conn_bps: self.bw_conn_bps.unwrap_or(l.bw_conn_bps),
+            bw_customer_bps: self.bw_customer_bps.unwrap_or(l.bw_customer_bps),
+            quota_bytes: self.quota_bytes.unwrap_or(l.quota_bytes),
+            allowed_ports: self
+                .allowed_ports
+                .unwrap_or_else(|| l.allowed_ports.clone()),
+            allowed_labels: match self.allowed_labels {
+                Some(v) => v.unwrap_or_default(),
+                None => p.allowed_labels.clone(),
+            },
+            strategy: self
+                .strategy
+                .unwrap_or_else(|| Some(p.strategy.as_str().to_string())),
+            log_mode: self
+                .log_mode
+                .unwrap_or_else(|| Some(p.log_mode.as_str().to_string())),
+        })
+    }
+}
+
+/// Edit a plan (by id or name). Customers on it get the new limits on
+/// their next connection; connections already open keep running.
+async fn patch_plan(
+    AxState(state): AxState<Shared>,
+    Path(id): Path<String>,
+    body: Result<Json<PlanPatch>, JsonRejection>,
+) -> ApiResult<Json<PlanRow>> {
+    let Json(b) = body?;
+    let current = state
+        .store
+        .plan(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("plan"))?;
+    let v = validate_plan(b.over(&current)?)?;
+    let plan = PlanRow {
+        limits: v.limits,
+        allowed_labels: v.allowed_labels,
+        strategy: v.strategy,
+        log_mode: v.log_mode,
+        ..current
+    };
+    if !state.store.update_plan(&plan).await? {
+        // Deleted meanwhile.
+        return Err(ApiError::not_found("plan"));
+    }
+    publish_plan(&state, &plan);
+    tracing::info!(plan = %plan.id, name = %plan.limits.name, "plan edited");
+    Ok(Json(plan))
 }
 
 async fn delete_plan(
@@ -192,7 +312,9 @@ async fn patch_access(
             .set_customer_webhook(&customer.id, url.as_deref())
             .await?;
     }
-    // Cached credentials carry the plan and expiry: forget them.
+    // Cached logins carry the plan id, expiry and disabled state: forget
+    // the customer's, and with it those of its sub-users and extra
+    // credentials (see `Authenticator::invalidate`).
     state.auth.invalidate(&customer.username);
     // So do allow-listed sources.
     if let Err(e) = crate::proxy::allowlist::refresh(&state).await {

@@ -499,14 +499,35 @@ pub struct AuthStats {
     pub alerts: u64,
 }
 
-/// A verified credential: who, a keyed digest of the password, and when.
-type Cached = (Principal, [u8; 32], Instant);
+/// A verified credential.
+///
+/// The principal is a copy of account data (plan id, expiry, whether the
+/// parent is enabled) read when the password was checked. The plan itself
+/// is not copied, only its id: a plan edit reaches cached logins through
+/// the plans cache at once. Everything else is kept fresh by invalidation:
+/// a change to any account the entry was read from drops the entry, so a
+/// sub-user or an extra credential does not keep its parent's old plan,
+/// expiry or enabled state until the entry ages out. That costs nothing per
+/// connection, unlike reading the parent again on every cache hit.
+struct Cached {
+    principal: Principal,
+    /// A keyed digest of the password.
+    digest: [u8; 32],
+    at: Instant,
+    /// Usernames of the customers whose rows decided `principal`: the
+    /// login's own customer, the owner of a credential, the parent of a
+    /// sub-user. [`Authenticator::invalidate`] of any of them drops it.
+    accounts: Vec<String>,
+}
 
 pub struct Authenticator {
     store: Store,
     /// Per-process random key so cache entries are not plain password hashes.
     cache_key: [u8; 32],
     cache: Mutex<HashMap<String, Cached>>,
+    /// Bumped by every invalidation: a check that began before one may
+    /// have read the old rows, so its answer is returned but not cached.
+    generation: AtomicU64,
     dummy_hash: String,
     /// Argon2 runs at once. Each takes 19 MiB and a core for tens of
     /// milliseconds; without a bound, a flood of wrong passwords would run
@@ -574,6 +595,7 @@ impl Authenticator {
             store,
             cache_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             dummy_hash: hash_password("cellgate-dummy-password").unwrap_or_default(),
             hashers: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism()
@@ -651,6 +673,7 @@ impl Authenticator {
             p.params = params;
             return Ok(p);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let row = self
             .store
             .customer_by_username(username)
@@ -693,16 +716,23 @@ impl Authenticator {
                     ),
                     None => (r.plan_id.clone(), r.expires_at),
                 };
+                let mut accounts = vec![r.username.clone()];
+                if let Some(Some(p)) = &parent {
+                    accounts.push(p.username.clone());
+                }
                 (
                     phc.clone(),
-                    Some(Principal {
-                        customer_id: r.id.clone(),
-                        username: username.to_string(),
-                        account_id: r.parent_id.clone().unwrap_or_else(|| r.id.clone()),
-                        plan_id,
-                        expires_at,
-                        params: Default::default(),
-                    }),
+                    Some((
+                        Principal {
+                            customer_id: r.id.clone(),
+                            username: username.to_string(),
+                            account_id: r.parent_id.clone().unwrap_or_else(|| r.id.clone()),
+                            plan_id,
+                            expires_at,
+                            params: Default::default(),
+                        },
+                        accounts,
+                    )),
                 )
             }
             _ => (self.dummy_hash.clone(), None),
@@ -738,12 +768,22 @@ impl Authenticator {
                 Err(_) => (false, None),
             };
         match (ok, principal) {
-            (true, Some(p)) => {
+            (true, Some((p, accounts))) => {
                 let mut cache = lock(&self.cache);
-                if cache.len() >= CACHE_MAX {
-                    cache.retain(|_, (_, _, at)| at.elapsed() < CACHE_TTL);
+                if self.generation.load(Ordering::Acquire) == generation {
+                    if cache.len() >= CACHE_MAX {
+                        cache.retain(|_, c| c.at.elapsed() < CACHE_TTL);
+                    }
+                    cache.insert(
+                        username.to_string(),
+                        Cached {
+                            principal: p.clone(),
+                            digest,
+                            at: Instant::now(),
+                            accounts,
+                        },
+                    );
                 }
-                cache.insert(username.to_string(), (p.clone(), digest, Instant::now()));
                 drop(cache);
                 drop(permit);
                 lock(&self.throttle).succeeded(source, user, Instant::now());
@@ -752,7 +792,7 @@ impl Authenticator {
                 Ok(p)
             }
             (_, p) => {
-                let label = p.as_ref().map(|p| p.username.as_str());
+                let label = p.as_ref().map(|(p, _)| p.username.as_str());
                 self.failed(source, Some(user), label);
                 Err(AuthError::Invalid)
             }
@@ -761,8 +801,8 @@ impl Authenticator {
 
     fn cached(&self, username: &str, digest: &[u8; 32]) -> Option<Principal> {
         let cache = lock(&self.cache);
-        let (p, d, at) = cache.get(username)?;
-        (d == digest && at.elapsed() < CACHE_TTL).then(|| p.clone())
+        let c = cache.get(username)?;
+        (&c.digest == digest && c.at.elapsed() < CACHE_TTL).then(|| c.principal.clone())
     }
 
     /// Refuse cheaply while the source or the username backs off.
@@ -808,9 +848,13 @@ impl Authenticator {
         );
     }
 
-    /// Forget a customer's cached credentials (deleted, password changed).
+    /// Forget a login's cached credentials (deleted, password changed,
+    /// access changed) and those of every login that depends on it: the
+    /// customer's sub-users and extra credentials.
     pub fn invalidate(&self, username: &str) {
-        lock(&self.cache).remove(username);
+        let mut cache = lock(&self.cache);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|login, c| login != username && !c.accounts.iter().any(|a| a == username));
     }
 }
 
@@ -1172,6 +1216,53 @@ mod tests {
             (1..=hashers).contains(&runs),
             "{runs} argon2 runs for 40 connections with {hashers} hashers"
         );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parents_change_reaches_the_cached_logins_of_its_sub_users_and_credentials() {
+        let (store, dir) = store_with_alice().await;
+        let alice = "cus-0000000000a1";
+        let hash = hash_password("team-password").unwrap();
+        store
+            .insert_account("cus-0000000000b2", "alice-team", &hash, Some(alice))
+            .await
+            .unwrap();
+        store
+            .insert_credential("crd-0000000000c3", alice, "alice-bot", &hash)
+            .await
+            .unwrap();
+        let auth = Authenticator::new(store.clone());
+        let src = Some(IpAddr::from([192, 0, 2, 1]));
+        let plan_of = async |login: &[u8]| {
+            auth.verify_from(src, login, b"team-password")
+                .await
+                .map(|p| p.plan_id)
+        };
+        for login in [b"alice-team".as_slice(), b"alice-bot"] {
+            assert_eq!(plan_of(login).await, Ok(None));
+        }
+        let runs = auth.stats().hash_runs;
+        store
+            .update_customer_access(alice, Some(Some("plan-big")), None, None)
+            .await
+            .unwrap();
+        // Cached: nothing told the cache yet.
+        assert_eq!(plan_of(b"alice-team").await, Ok(None));
+        assert_eq!(auth.stats().hash_runs, runs);
+        // What the access API does after a change to alice.
+        auth.invalidate("alice");
+        for login in [b"alice-team".as_slice(), b"alice-bot"] {
+            assert_eq!(plan_of(login).await, Ok(Some("plan-big".into())));
+        }
+        // A disabled parent shuts its sub-user out at once.
+        store
+            .update_customer_access(alice, None, None, Some(true))
+            .await
+            .unwrap();
+        auth.invalidate("alice");
+        assert_eq!(plan_of(b"alice-team").await, Err(AuthError::Invalid));
         store.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }

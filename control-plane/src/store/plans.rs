@@ -111,6 +111,40 @@ impl Store {
         })
     }
 
+    /// Overwrite every editable field of plan `p.id` (not `created_at`) in
+    /// one statement; `Ok(false)` when no such plan exists,
+    /// `Err(Conflict)` when another plan has the new name.
+    pub async fn update_plan(&self, p: &PlanRow) -> Result<bool, StoreError> {
+        let l = &p.limits;
+        let n = on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE plans SET name = $2, max_threads = $3, new_conn_per_sec = $4, \
+                 bw_conn_bps = $5, bw_customer_bps = $6, quota_bytes = $7, allowed_labels = $8, \
+                 allowed_ports = $9, strategy = $10, log_mode = $11 WHERE id = $1",
+            )
+            .bind(&p.id)
+            .bind(&l.name)
+            .bind(l.max_threads.map(i64::from))
+            .bind(l.new_conn_per_sec.map(i64::from))
+            .bind(l.bw_conn_bps.map(|x| x as i64))
+            .bind(l.bw_customer_bps.map(|x| x as i64))
+            .bind(l.quota_bytes.map(|x| x as i64))
+            .bind(serde_json::to_string(&p.allowed_labels).unwrap_or_else(|_| "[]".into()))
+            .bind(
+                l.allowed_ports
+                    .as_ref()
+                    .map(|r| serde_json::to_string(r).unwrap_or_default()),
+            )
+            .bind(p.strategy.as_str())
+            .bind(p.log_mode.as_str())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(|e| conflict(e, &format!("plan {}", l.name)))
+        })?;
+        Ok(n > 0)
+    }
+
     pub async fn plans(&self) -> Result<Vec<PlanRow>, StoreError> {
         let sql = format!("SELECT {PLAN_COLS} FROM plans ORDER BY name");
         on_pool!(self, |p| {
