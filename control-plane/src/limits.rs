@@ -26,6 +26,16 @@
 //! - **ban**: an operator's manual lockout, with a reason and an optional end.
 //! - **month**: the calendar month in UTC. The quota counts bytes in both
 //!   directions and resets on the first of the month.
+//! - **metering**: counting a flow's bytes toward the quota while it runs,
+//!   one [`QUOTA_STEP`] at a time, through the relay's [`Throttle`] hook
+//!   (see [`Admission::relay_throttle`]); the flow's end charges only the
+//!   rest. Overshoot bound: while the count is under the quota, each open
+//!   flow of the customer has relayed less than one step (plus the chunk
+//!   being counted) that the count does not show yet; once the count
+//!   reaches the quota every flow is kicked (with
+//!   [`LimiterConfig::kick_on_quota`], the default) and relays at most one
+//!   more read in each direction. So the customer moves at most one step
+//!   plus the reads in flight per open flow beyond the quota.
 //!
 //! Time is the caller's: admission and the strike clock take a [`Now`]
 //! (monotonic instant for intervals, wall clock for dates, expiry and
@@ -514,6 +524,13 @@ struct Customer {
     /// it by [`Admission`]'s drop, which can only make room.
     threads: AtomicU32,
     month_bytes: AtomicU64,
+    /// The part of `month_bytes` that open flows charged while running
+    /// (not yet in the usage table), kept across [`Limiter::load_usage`].
+    in_flows: AtomicU64,
+    /// Kicks so far. An admission remembers the count it was admitted at,
+    /// so its relay hook sees a kick with one atomic load (the token's own
+    /// flag sits behind a mutex).
+    kicks: AtomicU64,
     /// Quota thresholds already reported this month.
     reported: AtomicU8,
     /// The quota of the plan seen at the latest admission, for crossing
@@ -555,6 +572,8 @@ impl Customer {
             id: id.to_string(),
             threads: AtomicU32::new(0),
             month_bytes: AtomicU64::new(0),
+            in_flows: AtomicU64::new(0),
+            kicks: AtomicU64::new(0),
             reported: AtomicU8::new(0),
             quota: AtomicU64::new(NO_QUOTA),
             bw: [Gcra::new(0), Gcra::new(0)],
@@ -611,9 +630,15 @@ impl Customer {
                 month,
             });
             if percent == 100 && shared.kick_on_quota {
-                lock(&self.state).kick();
+                self.kick(&mut lock(&self.state));
             }
         }
+    }
+
+    /// Close every open connection (`st` is this customer's locked state).
+    fn kick(&self, st: &mut CustomerState) {
+        st.kick();
+        self.kicks.fetch_add(1, Ordering::Release);
     }
 
     /// Thresholds already behind `used`, as `reported` bits.
@@ -635,7 +660,8 @@ fn reached(used: u64, quota: u64, percent: u8) -> bool {
 }
 
 impl CustomerState {
-    /// Close every open connection; later admissions get a fresh parent.
+    /// Cancel every open connection's token; later admissions get a fresh
+    /// parent. Call it through [`Customer::kick`], which also counts it.
     fn kick(&mut self) {
         self.token.cancel();
         self.token = CancellationToken::new();
@@ -762,7 +788,11 @@ impl Limiter {
         self.roll_month(now);
         let c = self.entry(customer_id, now.mono);
         c.set_plan(plan);
-        c.month_bytes.store(used_bytes, Ordering::Relaxed);
+        // Open flows' running charges are not in the store's figure yet;
+        // their ends will charge only the rest.
+        let in_flows = c.in_flows.load(Ordering::Relaxed);
+        c.month_bytes
+            .store(used_bytes.saturating_add(in_flows), Ordering::Relaxed);
         c.reported.store(
             Customer::reported_bits(used_bytes, plan.quota_bytes),
             Ordering::Relaxed,
@@ -838,7 +868,7 @@ impl Limiter {
                 let until = now + self.cfg.lockout;
                 st.over = None;
                 st.locked_until = Some(until);
-                st.kick();
+                cust.kick(&mut st);
                 drop(st);
                 self.shared.push(LimitEvent::LockedOut {
                     customer_id: customer_id.to_string(),
@@ -877,6 +907,7 @@ impl Limiter {
         st.admits_avg = st.rate_at(now.mono) + 1.0 / RATE_TAU_SECS;
         st.admits_avg_at = now.mono.max(st.admits_avg_at);
         let token = st.token.child_token();
+        let kicks = cust.kicks.load(Ordering::Acquire);
         drop(st);
         let throttle = (plan.bw_conn_bps.is_some() || plan.bw_customer_bps.is_some()).then(|| {
             Arc::new(BandwidthThrottle {
@@ -889,7 +920,9 @@ impl Limiter {
             customer: cust,
             shared: self.shared.clone(),
             token,
+            kicks,
             throttle,
+            meter: plan.quota_bytes.is_some().then(QuotaMeter::default),
         })
     }
 
@@ -949,7 +982,7 @@ impl Limiter {
             until,
             reason: reason.to_string(),
         });
-        st.kick();
+        c.kick(&mut st);
     }
 
     /// Lift a ban and any strike lockout; `false` if there was neither.
@@ -1038,13 +1071,69 @@ fn banned(ban: &Ban, now: Now) -> Denial {
 // ---------------------------------------------------------------------------
 // Admissions and the throttle
 
+/// Bytes a flow relays between two charges to the customer's monthly
+/// count; the overshoot past a quota is at most about one step per open
+/// flow (see the module's glossary, "metering"). The relay's own read size,
+/// so a busy flow charges about once per read and an idle one never.
+pub const QUOTA_STEP: u64 = 64 * 1024;
+
+/// How long a direction of a kicked flow waits before it reads again: long
+/// enough for the connection's task to see the cancelled token and shut
+/// the customer's socket, so no further chunk gets through.
+const KICKED_PAUSE: Duration = Duration::from_millis(20);
+
+/// A running flow's share of the monthly count. Pure bookkeeping on two
+/// atomics: the relay calls [`QuotaMeter::count`] once per chunk and
+/// charges whatever it hands back.
+#[derive(Debug, Default)]
+struct QuotaMeter {
+    /// Relayed but not charged yet; under one step between calls.
+    pending: AtomicU64,
+    /// Charged to the month while the flow ran and not yet settled.
+    charged: AtomicU64,
+}
+
+impl QuotaMeter {
+    /// Note `n` relayed bytes. Once a step is full, everything pending is
+    /// taken (and counted as charged) and returned for the caller to
+    /// charge.
+    fn count(&self, n: u64) -> Option<u64> {
+        let pending = self
+            .pending
+            .fetch_add(n, Ordering::Relaxed)
+            .saturating_add(n);
+        if pending < QUOTA_STEP {
+            return None;
+        }
+        let due = self.pending.swap(0, Ordering::Relaxed);
+        if due == 0 {
+            return None;
+        }
+        self.charged.fetch_add(due, Ordering::Relaxed);
+        Some(due)
+    }
+
+    /// The flow ended having moved `total` bytes: (what is still to be
+    /// charged, what was charged while it ran). Settles once; a second call
+    /// sees nothing charged.
+    fn settle(&self, total: u64) -> (u64, u64) {
+        self.pending.store(0, Ordering::Relaxed);
+        let charged = self.charged.swap(0, Ordering::Relaxed);
+        (total.saturating_sub(charged), charged)
+    }
+}
+
 /// One admitted connection. Dropping it frees the thread slot.
 #[must_use = "dropping the admission frees its connection slot at once"]
 pub struct Admission {
     customer: Arc<Customer>,
     shared: Arc<Shared>,
     token: CancellationToken,
+    /// The customer's kick count when this connection was admitted.
+    kicks: u64,
     throttle: Option<Arc<BandwidthThrottle>>,
+    /// `Some` when the plan has a quota: the relay counts toward it.
+    meter: Option<QuotaMeter>,
 }
 
 impl fmt::Debug for Admission {
@@ -1053,6 +1142,7 @@ impl fmt::Debug for Admission {
             .field("customer", &self.customer.id)
             .field("cancelled", &self.token.is_cancelled())
             .field("throttled", &self.throttle.is_some())
+            .field("metered", &self.meter.is_some())
             .finish()
     }
 }
@@ -1074,23 +1164,62 @@ impl Admission {
         self.throttle.clone()
     }
 
-    /// The throttle in the form [`shared::quic::relay::relay_throttled`]
-    /// takes.
+    /// The relay hook for this connection, in the form
+    /// [`shared::quic::relay::relay_throttled`] takes: `None` when the plan
+    /// has neither a bandwidth limit nor a quota, so an unlimited customer's
+    /// relay runs without any hook. Otherwise every chunk is paced by the
+    /// bandwidth throttle (if any) and counted toward the quota (if any),
+    /// one [`QUOTA_STEP`] at a time; a kicked connection is paused so it
+    /// relays nothing more while it closes.
     pub fn relay_throttle(&self) -> Option<&dyn Throttle> {
-        self.throttle.as_deref().map(|t| t as &dyn Throttle)
+        (self.throttle.is_some() || self.meter.is_some()).then_some(self as &dyn Throttle)
     }
 
     /// Count bytes this connection moved toward the monthly quota:
-    /// increments, not running totals (call it once at the end of a flow,
-    /// or with each delta). The throttle does not count.
+    /// increments, not running totals. Bytes the relay hook already counted
+    /// are not subtracted; a flow's end uses [`Admission::record_flow_total`].
     pub fn record_bytes(&self, up: u64, down: u64) {
         self.customer
             .add_bytes(&self.shared, up.saturating_add(down));
+    }
+
+    /// The flow ended having moved `up` and `down` bytes in all: charge
+    /// what the relay hook has not charged yet, so the month counts every
+    /// byte exactly once. Call it once per flow.
+    pub fn record_flow_total(&self, up: u64, down: u64) {
+        let total = up.saturating_add(down);
+        let Some(m) = &self.meter else {
+            self.customer.add_bytes(&self.shared, total);
+            return;
+        };
+        let (rest, charged) = m.settle(total);
+        self.customer.in_flows.fetch_sub(charged, Ordering::Relaxed);
+        self.customer.add_bytes(&self.shared, rest);
+    }
+}
+
+impl Throttle for Admission {
+    fn pace(&self, dir: Direction, n: usize) -> Option<Duration> {
+        if let Some(due) = self.meter.as_ref().and_then(|m| m.count(n as u64)) {
+            self.customer.in_flows.fetch_add(due, Ordering::Relaxed);
+            // Reaching the quota here fires the events and the kick.
+            self.customer.add_bytes(&self.shared, due);
+        }
+        if self.customer.kicks.load(Ordering::Acquire) != self.kicks {
+            return Some(KICKED_PAUSE);
+        }
+        self.throttle.as_deref().and_then(|t| t.pace(dir, n))
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            // A flow that never settled: its running charge stays in the
+            // month (those bytes were relayed) but is no longer in flight.
+            let (_, charged) = m.settle(0);
+            self.customer.in_flows.fetch_sub(charged, Ordering::Relaxed);
+        }
         self.customer.threads.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -1581,6 +1710,165 @@ mod tests {
         a.record_bytes(100, 0);
         assert!(!a.cancel_token().is_cancelled());
         assert_eq!(kind(l.admit("c1", &p, t0())), DenialKind::Quota);
+    }
+
+    // -- metering while a flow runs ---------------------------------------------
+
+    #[test]
+    fn meter_charges_whole_steps_and_settles_the_rest() {
+        let m = QuotaMeter::default();
+        assert_eq!(m.count(QUOTA_STEP - 1), None);
+        // The chunk that fills the step takes everything pending with it.
+        assert_eq!(m.count(10), Some(QUOTA_STEP + 9));
+        assert_eq!(m.count(QUOTA_STEP / 2), None);
+        assert_eq!(
+            m.count(QUOTA_STEP * 3),
+            Some(QUOTA_STEP * 3 + QUOTA_STEP / 2)
+        );
+        assert_eq!(m.count(5), None);
+        let charged = 4 * QUOTA_STEP + 9 + QUOTA_STEP / 2;
+        // The flow's end (with 100 bytes the relay never saw, e.g. a
+        // request head) charges exactly the rest, once.
+        let total = charged + 5 + 100;
+        assert_eq!(m.settle(total), (105, charged));
+        assert_eq!(m.settle(total), (total, 0));
+        // A short flow never reaches a step: its end charges everything.
+        let m = QuotaMeter::default();
+        assert_eq!(m.count(1000), None);
+        assert_eq!(m.settle(1000), (1000, 0));
+    }
+
+    #[test]
+    fn only_plans_with_a_limit_get_a_relay_hook() {
+        let l = limiter();
+        let a = l.admit("free", &plan(), t0()).unwrap();
+        assert!(a.relay_throttle().is_none(), "unlimited: no hook at all");
+        let bw = PlanLimits {
+            bw_conn_bps: Some(1_000_000),
+            ..plan()
+        };
+        let a = l.admit("bw", &bw, t0()).unwrap();
+        let hook = a.relay_throttle().unwrap();
+        hook.pace(Direction::ToTcp, 4 * QUOTA_STEP as usize);
+        assert_eq!(
+            l.snapshot("bw", t0()).unwrap().bytes_this_month,
+            0,
+            "no quota: nothing counted while the flow runs"
+        );
+        let q = PlanLimits {
+            quota_bytes: Some(1_000_000_000),
+            ..plan()
+        };
+        let a = l.admit("quota", &q, t0()).unwrap();
+        let hook = a.relay_throttle().unwrap();
+        // Counting never pauses a flow that is under its quota.
+        assert_eq!(hook.pace(Direction::ToTcp, 2 * QUOTA_STEP as usize), None);
+        assert_eq!(
+            l.snapshot("quota", t0()).unwrap().bytes_this_month,
+            2 * QUOTA_STEP
+        );
+    }
+
+    #[test]
+    fn a_long_flow_is_cut_at_its_quota_within_one_step() {
+        let l = limiter();
+        let quota = 3_000_000u64;
+        let p = PlanLimits {
+            quota_bytes: Some(quota),
+            bw_conn_bps: Some(1_000_000_000),
+            ..plan()
+        };
+        let a = l.admit("c1", &p, t0()).unwrap();
+        let other = l.admit("c1", &p, t0()).unwrap();
+        let hook = a.relay_throttle().unwrap();
+        // A download in 16 KiB chunks, with a little upload, until the
+        // hook says stop.
+        let (mut up, mut down) = (0u64, 0u64);
+        loop {
+            let paused = hook.pace(Direction::ToTcp, 16_384);
+            down += 16_384;
+            if down % (256 * 1024) == 0 {
+                hook.pace(Direction::ToQuic, 100);
+                up += 100;
+            }
+            if paused == Some(KICKED_PAUSE) {
+                break;
+            }
+            assert!(down < 2 * quota, "never cut off");
+        }
+        // Cut off within one step of the quota, with both thresholds
+        // reported while the flow ran and every connection kicked.
+        assert!(
+            up + down >= quota && up + down < quota + QUOTA_STEP,
+            "{up}+{down}"
+        );
+        let ev = l.take_events();
+        let percents: Vec<u8> = ev
+            .iter()
+            .filter_map(|e| match e {
+                LimitEvent::QuotaCrossed { percent, .. } => Some(*percent),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(percents, vec![80, 100]);
+        assert!(a.cancel_token().is_cancelled() && other.cancel_token().is_cancelled());
+        // The other flow relays nothing more either.
+        assert_eq!(
+            other.relay_throttle().unwrap().pace(Direction::ToTcp, 1),
+            Some(KICKED_PAUSE)
+        );
+        assert_eq!(kind(l.admit("c1", &p, t0())), DenialKind::Quota);
+        // The flow's end (plus 200 bytes of heads the relay never saw)
+        // charges only the rest: each byte counted once.
+        a.record_flow_total(up + 200, down);
+        drop(a);
+        assert_eq!(
+            l.snapshot("c1", t0()).unwrap().bytes_this_month,
+            up + down + 200
+        );
+        assert!(l.take_events().is_empty(), "each threshold once");
+    }
+
+    #[test]
+    fn without_kick_on_quota_a_metered_flow_goes_on() {
+        let l = Limiter::new(LimiterConfig {
+            kick_on_quota: false,
+            ..LimiterConfig::default()
+        });
+        let p = PlanLimits {
+            quota_bytes: Some(QUOTA_STEP),
+            ..plan()
+        };
+        let a = l.admit("c1", &p, t0()).unwrap();
+        let hook = a.relay_throttle().unwrap();
+        assert_eq!(hook.pace(Direction::ToTcp, 2 * QUOTA_STEP as usize), None);
+        assert_eq!(hook.pace(Direction::ToTcp, 2 * QUOTA_STEP as usize), None);
+        assert!(!a.cancel_token().is_cancelled());
+        // New connections are refused at once, not at the flow's end.
+        assert_eq!(kind(l.admit("c1", &p, t0())), DenialKind::Quota);
+    }
+
+    #[test]
+    fn loaded_usage_keeps_what_open_flows_charged() {
+        let l = limiter();
+        let p = PlanLimits {
+            quota_bytes: Some(1_000_000_000),
+            ..plan()
+        };
+        let a = l.admit("c1", &p, t0()).unwrap();
+        a.relay_throttle()
+            .unwrap()
+            .pace(Direction::ToTcp, 3 * QUOTA_STEP as usize);
+        // The store does not have the open flow's bytes yet.
+        l.load_usage("c1", &p, 1000, t0());
+        let month = |l: &Limiter| l.snapshot("c1", t0()).unwrap().bytes_this_month;
+        assert_eq!(month(&l), 1000 + 3 * QUOTA_STEP);
+        a.record_flow_total(0, 3 * QUOTA_STEP + 7);
+        assert_eq!(month(&l), 1000 + 3 * QUOTA_STEP + 7);
+        drop(a);
+        // Nothing is left in flight, so a later load is the store's figure.
+        l.load_usage("c1", &p, 5000, t0());
+        assert_eq!(month(&l), 5000);
     }
 
     #[test]

@@ -164,24 +164,25 @@ impl HandshakeGate {
 
 /// Accept customers until shutdown; each connection is its own task.
 /// Relay a customer's connection over its flow, paced by the plan's
-/// bandwidth limits. When the customer is locked out, banned or out of
-/// quota, the connection is shut down; the relay then ends and its byte
-/// counts still reach the accounting.
+/// bandwidth limits and counted toward its quota as bytes move. When the
+/// customer is locked out, banned or out of quota (also when this very
+/// flow used the quota up), the connection is shut down; the relay then
+/// ends and its byte counts still reach the accounting.
 pub(crate) async fn relay_flow(
     tcp: &tokio::net::TcpStream,
     flow: &mut exit::Flow,
     pending: bytes::Bytes,
 ) -> shared::quic::relay::RelayStats {
     let cancel = flow.admission.cancel_token().clone();
-    let throttle = flow.admission.throttle();
+    // Paces the bandwidth and counts the quota while bytes flow; `None`
+    // (no hook at all) for a plan with neither. Reaching the quota kicks,
+    // which cancels `cancel` below.
     let relay = shared::quic::relay::relay_throttled(
         tcp,
         &mut flow.send,
         &mut flow.recv,
         pending,
-        throttle
-            .as_deref()
-            .map(|t| t as &dyn shared::quic::relay::Throttle),
+        flow.admission.relay_throttle(),
     );
     tokio::pin!(relay);
     tokio::select! {

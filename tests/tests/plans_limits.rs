@@ -297,3 +297,69 @@ fn usage_and_request_log_add_up() {
         "{u} vs {exit}"
     );
 }
+
+#[test]
+fn quota_cuts_a_long_tunnel_while_it_runs() {
+    let c = cluster("plan-quota-mid-flow", 1);
+    let quota: u64 = 3_000_000;
+    set_plan(&c, json!({"name": "small", "quota_bytes": quota}));
+    let blob = Blob::random(20 << 20, 11);
+    let site = FileServer::start("origin", Some(blob));
+    // One CONNECT tunnel (`-p`) carrying a 20 MB download: before the
+    // quota was counted mid-flow it ran to the end.
+    let r = Curl::new()
+        .proxy(&c.http_proxy())
+        .arg("-p")
+        .arg("-o")
+        .arg("/dev/null")
+        .write_out("%{size_download}")
+        .max_time(Duration::from_secs(60))
+        .arg(site.url("/blob"))
+        .run();
+    assert_ne!(r.code, 0, "the download was not cut off: {r:?}");
+    let got: u64 = r.stdout.trim().parse().expect("size_download");
+    // The control plane counts every 64 KiB per flow and a kicked flow
+    // relays at most one more read each way (64 KiB up, one batch of QUIC
+    // chunks down), so the overshoot is a few hundred KiB; 1 MB leaves
+    // room for the origin's response head and scheduling.
+    assert!(got < quota + 1_000_000, "received {got} bytes");
+
+    // The next connection is refused with the reason.
+    let r = Curl::new()
+        .proxy(&c.http_proxy())
+        .write_out("\n%{http_code}")
+        .arg(site.url("/hello"))
+        .run();
+    assert!(r.stdout.ends_with("403"), "{r:?}");
+    assert!(
+        r.stdout.contains("monthly data quota of 3.0 MB used up"),
+        "{r:?}"
+    );
+
+    // Usage shows the quota used up, and the usage table and the live
+    // monthly count agree byte for byte: what was counted while the flow
+    // ran was not counted again at its end.
+    let cid = customer_id(&c);
+    let usage = || {
+        c.api()
+            .get(&format!("/api/v1/customers/{cid}/usage"))
+            .json()
+    };
+    let table = |u: &Value| {
+        u["days"][0]["bytes_up"].as_u64().unwrap_or(0)
+            + u["days"][0]["bytes_down"].as_u64().unwrap_or(0)
+    };
+    assert_eventually!(
+        Duration::from_secs(10),
+        {
+            let u = usage();
+            table(&u) > 0 && Some(table(&u)) == u["live"]["bytes_this_month"].as_u64()
+        },
+        "{}",
+        usage()
+    );
+    let u = usage();
+    let used = table(&u);
+    assert!((quota..quota + 1_000_000).contains(&used), "{u}");
+    assert_eq!(u["live"]["threads"], 0, "{u}");
+}

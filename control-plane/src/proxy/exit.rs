@@ -102,15 +102,17 @@ impl Flow {
     }
 
     /// Count relayed bytes, once, at the flow's end: on the device and the
-    /// exit, against the customer's quota, in the usage table and the
-    /// request log.
+    /// exit, in the usage table and the request log, and against the
+    /// customer's quota. The quota is the one figure also counted while
+    /// the flow runs (the relay hook, [`Admission::relay_throttle`]), so
+    /// here it gets only what the hook has not charged yet.
     pub fn account(&self, state: &State, up: u64, down: u64) {
         let g = &self.guard;
         g.session.bytes_up.fetch_add(up, Ordering::Relaxed);
         g.session.bytes_down.fetch_add(down, Ordering::Relaxed);
         g.exit.bytes_up.fetch_add(up, Ordering::Relaxed);
         g.exit.bytes_down.fetch_add(down, Ordering::Relaxed);
-        self.admission.record_bytes(up, down);
+        self.admission.record_flow_total(up, down);
         let m = &self.meta;
         state.usage.record(
             UsageKey {
