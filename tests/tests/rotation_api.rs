@@ -169,6 +169,24 @@ fn rotation_links_are_rate_limited_and_revocable() {
         .text();
     assert!(!list.contains(link["token"].as_str().unwrap()));
 
+    // A rotation that cannot start (the device is disabled) does not use
+    // up the link's interval.
+    assert_eq!(
+        api.post(&format!("/api/v1/devices/{id}/disable"), None)
+            .status,
+        200
+    );
+    for _ in 0..2 {
+        let r = Curl::new().arg("-w").arg("\n%{http_code}").arg(&url).run();
+        assert!(!r.stdout.ends_with("429"), "{}", r.stdout);
+    }
+    assert_eq!(
+        api.post(&format!("/api/v1/devices/{id}/enable"), None)
+            .status,
+        200
+    );
+    c.wait_online(1, Duration::from_secs(20));
+
     // Plain curl, no credentials: the rotation runs (and fails here, on
     // loopback, with the reason).
     let first = Curl::new().arg("-w").arg("\n%{http_code}").arg(&url).run();

@@ -570,11 +570,29 @@ async fn rotation_links(b: Backend) {
         .unwrap();
 
     match s.use_rotation_link("lh1").await.unwrap() {
-        LinkUse::Granted { device_id, exit } => {
-            assert_eq!((device_id.as_str(), exit.as_str()), ("dev-a", "lte0"))
+        LinkUse::Granted {
+            device_id,
+            exit,
+            used_at,
+            previous_use,
+        } => {
+            assert_eq!((device_id.as_str(), exit.as_str()), ("dev-a", "lte0"));
+            assert_eq!(previous_use, None);
+            // A use whose rotation could not start is refunded: the link
+            // is free again and the count is back.
+            s.refund_rotation_link("lh1", used_at, previous_use)
+                .await
+                .unwrap();
+            let links = s.rotation_links("dev-a").await.unwrap();
+            let l = links.iter().find(|l| l.id == "l1").unwrap();
+            assert_eq!((l.uses, l.last_used_at), (0, None));
         }
         other => panic!("first use: {other:?}"),
     }
+    assert!(matches!(
+        s.use_rotation_link("lh1").await.unwrap(),
+        LinkUse::Granted { .. }
+    ));
     match s.use_rotation_link("lh1").await.unwrap() {
         LinkUse::TooSoon { retry_after_ms } => {
             assert!(

@@ -468,11 +468,8 @@ async fn use_link(AxState(state): AxState<Shared>, Path(token): Path<String>) ->
     if !token.starts_with(LINK_PREFIX) || token.len() > 128 {
         return ApiError::not_found("rotation link").into_response();
     }
-    let granted = match state
-        .store
-        .use_rotation_link(&tokens::sha256_hex(&token))
-        .await
-    {
+    let hash = tokens::sha256_hex(&token);
+    let granted = match state.store.use_rotation_link(&hash).await {
         Ok(g) => g,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -494,10 +491,29 @@ async fn use_link(AxState(state): AxState<Shared>, Path(token): Path<String>) ->
         // Whoever holds a link sees the outcome, not the fleet's internals
         // (device ids, backend steps, modem errors): those are in the
         // rotation record for administrators.
-        LinkUse::Granted { device_id, exit } => public_outcome(
-            rotation::rotate(&state, &device_id, Some(&exit), "link").await,
-            || ApiError::not_found("rotation link").into_response(),
-        ),
+        LinkUse::Granted {
+            device_id,
+            exit,
+            used_at,
+            previous_use,
+        } => {
+            let outcome = rotation::rotate(&state, &device_id, Some(&exit), "link").await;
+            // A rotation that could not start (busy, disabled, offline)
+            // does not use up the link's interval.
+            if matches!(
+                outcome,
+                Err(RotateError::Conflict(_) | RotateError::Offline(_) | RotateError::NotFound(_))
+            ) && let Err(e) = state
+                .store
+                .refund_rotation_link(&hash, used_at, previous_use)
+                .await
+            {
+                tracing::warn!("refunding a rotation-link use failed: {e}");
+            }
+            public_outcome(outcome, || {
+                ApiError::not_found("rotation link").into_response()
+            })
+        }
     }
 }
 

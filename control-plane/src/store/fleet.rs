@@ -123,6 +123,10 @@ pub enum LinkUse {
     Granted {
         device_id: String,
         exit: String,
+        /// When this use was recorded, and the use before it (for
+        /// [`Store::refund_rotation_link`]).
+        used_at: i64,
+        previous_use: Option<i64>,
     },
     /// Used too recently; may be used again after this many milliseconds.
     TooSoon {
@@ -508,9 +512,40 @@ impl Store {
 
     /// Spend one use of a link: a single conditional update, so concurrent
     /// requests cannot both pass the rate limit.
+    /// Undo a granted use whose rotation could not start (the exit was
+    /// busy, disabled or offline), so it neither counts nor blocks the
+    /// link. No-op when another use came since.
+    pub async fn refund_rotation_link(
+        &self,
+        token_hash: &str,
+        used_at: i64,
+        previous_use: Option<i64>,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| {
+            sqlx::query(
+                "UPDATE rotation_links SET last_used_at = $3, uses = uses - 1 \
+                 WHERE token_hash = $1 AND last_used_at = $2",
+            )
+            .bind(token_hash)
+            .bind(used_at)
+            .bind(previous_use)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
     pub async fn use_rotation_link(&self, token_hash: &str) -> Result<LinkUse, StoreError> {
         on_pool!(self, |p| {
             let now = now_ms();
+            // Read before the conditional UPDATE: if another use slips in
+            // between, that UPDATE fails its condition and nothing is lost.
+            let previous_use: Option<i64> =
+                sqlx::query_scalar("SELECT last_used_at FROM rotation_links WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .fetch_optional(p)
+                    .await?
+                    .flatten();
             let row = sqlx::query(
                 "UPDATE rotation_links SET last_used_at = $1, uses = uses + 1 \
                  WHERE token_hash = $2 AND (last_used_at IS NULL OR last_used_at + min_interval_secs * 1000 <= $1) \
@@ -524,6 +559,8 @@ impl Store {
                 return Ok(LinkUse::Granted {
                     device_id: r.col("device_id")?,
                     exit: r.col("exit_name")?,
+                    used_at: now,
+                    previous_use,
                 });
             }
             let next: Option<i64> = sqlx::query_scalar(
