@@ -422,3 +422,83 @@ fn a_broker_outage_does_not_disturb_proxying_and_loses_no_command() {
     let (got, _) = results.wait();
     assert_eq!(got.len(), 1, "{got:?}");
 }
+
+#[test]
+fn config_updates_restarts_and_reboots_run_on_the_device() {
+    let mut f = Farm::start("mqtt-admin", 1);
+    let id = f.id(0);
+    let marker = f.c.dir().join("rebooted");
+    let extra = format!(
+        "reboot_command = [\"sh\", \"-c\", \"echo reboot >> '{}'\"]",
+        marker.display()
+    );
+    let (toml, _) = agent_toml(f.c.dir(), "dev0", &extra);
+    f.c.start_agent_with(
+        0,
+        &AgentLaunch {
+            config_toml: Some(toml.clone()),
+            ..AgentLaunch::default()
+        },
+    );
+    f.c.wait_status(&id, "online", Duration::from_secs(20));
+    let pid = f.c.agents[0].pid();
+    let reconnects = |f: &Farm| {
+        f.c.api().device(&id).unwrap()["reconnects"]
+            .as_i64()
+            .unwrap()
+    };
+    let before = reconnects(&f);
+
+    // Reboot: answered first, then the configured command runs.
+    let c = f.issue(0, r#"{"command":"reboot"}"#, 15);
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eventually!(
+        Duration::from_secs(10),
+        std::fs::read_to_string(&marker).unwrap_or_default() == "reboot\n",
+        "the reboot command never ran"
+    );
+
+    // Restart: the same process (same PID) starts over and reconnects.
+    let c = f.issue(0, r#"{"command":"restart_agent"}"#, 15);
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eventually!(
+        Duration::from_secs(20),
+        reconnects(&f) > before && f.c.api().device_status(&id).as_deref() == Some("online"),
+        "the agent never came back after restarting"
+    );
+    assert_eq!(f.c.agents[0].pid(), pid, "restarted in place");
+
+    // A new configuration: a broken one is refused and changes nothing; a
+    // valid one is written (the old one kept) and the agent restarts on it.
+    let path = f.c.dir().join("dev0.toml");
+    let c = f.issue(
+        0,
+        &serde_json::json!({"command": "update_config", "toml": "telemetry_secs = \"often\""})
+            .to_string(),
+        15,
+    );
+    assert_eq!(c["status"], "failed", "{c}");
+    assert!(
+        c["message"].as_str().unwrap().contains("does not parse"),
+        "{c}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), toml);
+    let before = reconnects(&f);
+    let new = format!("telemetry_secs = 7\n{toml}");
+    let c = f.issue(
+        0,
+        &serde_json::json!({"command": "update_config", "toml": new}).to_string(),
+        15,
+    );
+    assert_eq!(c["status"], "succeeded", "{c}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), new);
+    assert_eq!(
+        std::fs::read_to_string(f.c.dir().join("dev0.toml.prev")).unwrap(),
+        toml
+    );
+    assert_eventually!(
+        Duration::from_secs(20),
+        reconnects(&f) > before && f.c.api().device_status(&id).as_deref() == Some("online"),
+        "the agent never came back on its new configuration"
+    );
+}
