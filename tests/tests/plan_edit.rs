@@ -51,6 +51,43 @@ fn through(c: &Cluster, user: &str, pass: &str, url: &str) -> String {
         .stdout
 }
 
+/// Start a long transfer as `user` and return once the origin saw it
+/// arrive. A short request just before releases its slot when the proxy
+/// sees its connection close, which can trail curl's exit a little: a
+/// transfer refused for that is started again.
+fn hold(
+    c: &Cluster,
+    site: &FileServer,
+    user: &str,
+    pass: &str,
+    url: &str,
+    name: &str,
+) -> tests::CurlRun {
+    use std::sync::atomic::Ordering::Relaxed;
+    let seen = site.stats.connections.load(Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut run = Curl::new()
+            .proxy(&c.http_proxy_as(user, pass))
+            .arg("-o")
+            .arg("/dev/null")
+            .max_time(Duration::from_secs(30))
+            .arg(url)
+            .spawn(c.dir(), name);
+        let settled = tests::eventually(Duration::from_secs(3), Duration::from_millis(20), || {
+            (site.stats.connections.load(Relaxed) > seen || !run.is_running()).then_some(())
+        });
+        if settled.is_some() && run.is_running() {
+            return run;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} was never admitted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn raising_the_thread_limit_admits_more_connections_for_the_customer_and_its_sub_user() {
     let c = cluster("plan-edit-threads");
@@ -80,15 +117,7 @@ fn raising_the_thread_limit_admits_more_connections_for_the_customer_and_its_sub
 
     // One long transfer takes the only slot: a second connection is
     // refused, for the customer and for its sub-user alike.
-    let mut held = vec![
-        Curl::new()
-            .proxy(&c.http_proxy_as(&user, &pass))
-            .arg("-o")
-            .arg("/dev/null")
-            .max_time(Duration::from_secs(30))
-            .arg(&trickle)
-            .spawn(c.dir(), "hold-1"),
-    ];
+    let mut held = vec![hold(&c, &site, &user, &pass, &trickle, "hold-1")];
     assert_eventually!(
         Duration::from_secs(10),
         through(&c, &user, &pass, &hello).ends_with("429"),
@@ -119,24 +148,8 @@ fn raising_the_thread_limit_admits_more_connections_for_the_customer_and_its_sub
     assert!(r.ends_with("200"), "second connection (sub-user): {r:?}");
     let r = through(&c, &user, &pass, &hello);
     assert!(r.ends_with("200"), "second connection (customer): {r:?}");
-    held.push(
-        Curl::new()
-            .proxy(&c.http_proxy_as(sub, sub_pass))
-            .arg("-o")
-            .arg("/dev/null")
-            .max_time(Duration::from_secs(30))
-            .arg(&trickle)
-            .spawn(c.dir(), "hold-2"),
-    );
-    held.push(
-        Curl::new()
-            .proxy(&c.http_proxy_as(&user, &pass))
-            .arg("-o")
-            .arg("/dev/null")
-            .max_time(Duration::from_secs(30))
-            .arg(&trickle)
-            .spawn(c.dir(), "hold-3"),
-    );
+    held.push(hold(&c, &site, sub, sub_pass, &trickle, "hold-2"));
+    held.push(hold(&c, &site, &user, &pass, &trickle, "hold-3"));
     // Three held: the fourth is refused, with the new limit in the reason.
     assert_eventually!(
         Duration::from_secs(10),
