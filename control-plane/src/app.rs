@@ -56,7 +56,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<App> {
     let state = Arc::new(State {
         mqtt,
         own_ips,
-        auth: Authenticator::new(store.clone()),
+        auth: Authenticator::with_limits(store.clone(), cfg.security.auth_limits()),
         cfg,
         store,
         pki,

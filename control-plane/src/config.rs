@@ -60,6 +60,8 @@ pub struct Config {
     /// Device commands over an MQTT broker (optional: without a broker,
     /// commands use the tunnel only).
     pub mqtt: MqttSettings,
+    /// Brute-force backoff and handshake caps on the proxy listeners.
+    pub security: SecuritySettings,
     /// Signed agent releases and updates: `[releases]`.
     pub releases: ReleaseSettings,
 }
@@ -195,6 +197,66 @@ impl Default for Config {
             ports: PortsSettings::default(),
             releases: ReleaseSettings::default(),
             mqtt: MqttSettings::default(),
+            security: SecuritySettings::default(),
+        }
+    }
+}
+
+/// Brute-force backoff for proxy logins and caps on pending handshakes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Failed logins from one address (IPv4, IPv6 /64) before it backs
+    /// off; higher than per username, since customers share NAT addresses.
+    pub auth_source_failures: u32,
+    /// Failed logins against one username before it backs off (an
+    /// address that logged in as that user in the last 24 h is exempt).
+    pub auth_user_failures: u32,
+    /// The first backoff; it doubles with each further failure.
+    pub auth_backoff_secs: u64,
+    /// The longest backoff.
+    pub auth_max_backoff_secs: u64,
+    /// Pending handshakes one address may hold once a listener is busy.
+    pub handshakes_per_source: usize,
+    /// A listener is busy from this many pending handshakes on.
+    pub handshakes_busy_from: usize,
+    /// Pending handshakes per listener in all; beyond it new connections
+    /// are closed at once.
+    pub handshakes_total: usize,
+}
+
+impl Default for SecuritySettings {
+    fn default() -> Self {
+        let a = crate::proxy::auth::AuthLimits::default();
+        let h = crate::proxy::HandshakeLimits::default();
+        Self {
+            auth_source_failures: a.source_threshold,
+            auth_user_failures: a.user_threshold,
+            auth_backoff_secs: a.base_backoff.as_secs(),
+            auth_max_backoff_secs: a.max_backoff.as_secs(),
+            handshakes_per_source: h.per_source,
+            handshakes_busy_from: h.busy_from,
+            handshakes_total: h.total,
+        }
+    }
+}
+
+impl SecuritySettings {
+    pub fn auth_limits(&self) -> crate::proxy::auth::AuthLimits {
+        crate::proxy::auth::AuthLimits {
+            source_threshold: self.auth_source_failures,
+            user_threshold: self.auth_user_failures,
+            base_backoff: Duration::from_secs(self.auth_backoff_secs),
+            max_backoff: Duration::from_secs(self.auth_max_backoff_secs),
+            ..Default::default()
+        }
+    }
+
+    pub fn handshake_limits(&self) -> crate::proxy::HandshakeLimits {
+        crate::proxy::HandshakeLimits {
+            per_source: self.handshakes_per_source,
+            busy_from: self.handshakes_busy_from,
+            total: self.handshakes_total,
         }
     }
 }
@@ -407,6 +469,27 @@ impl Config {
         if f.telemetry_retention_hours == 0 {
             return bad("fleet.telemetry_retention_hours must be at least 1");
         }
+        let s = &self.security;
+        if s.auth_source_failures == 0 || s.auth_user_failures == 0 {
+            return bad("security.auth_source_failures and auth_user_failures must be at least 1");
+        }
+        if !(1..=86_400).contains(&s.auth_backoff_secs)
+            || s.auth_max_backoff_secs < s.auth_backoff_secs
+            || s.auth_max_backoff_secs > 7 * 86_400
+        {
+            return bad(
+                "security.auth_backoff_secs must be within 1..=86400 and auth_max_backoff_secs between it and 604800",
+            );
+        }
+        if s.handshakes_per_source == 0
+            || s.handshakes_total == 0
+            || s.handshakes_busy_from > s.handshakes_total
+            || s.handshakes_total > 1_000_000
+        {
+            return bad(
+                "security.handshakes_per_source and handshakes_total must be at least 1, handshakes_busy_from at most handshakes_total (at most 1000000)",
+            );
+        }
         let m = &self.mqtt;
         if !m.url.is_empty() {
             for u in std::iter::once(&m.url).chain(&m.device_url) {
@@ -545,6 +628,29 @@ mod tests {
         let backwards: Config = toml::from_str("[ports]\nrange = \"5000-4000\"").unwrap();
         assert!(backwards.validate().is_err());
         assert!(toml::from_str::<Config>("[ports]\nfirst = 4000").is_err());
+    }
+
+    #[test]
+    fn security_settings_are_checked_and_mapped() {
+        let c: Config = toml::from_str(
+            "[security]\nauth_user_failures = 3\nauth_backoff_secs = 5\nhandshakes_per_source = 8",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let a = c.security.auth_limits();
+        assert_eq!((a.user_threshold, a.source_threshold), (3, 20));
+        assert_eq!(a.base_backoff, Duration::from_secs(5));
+        assert_eq!(c.security.handshake_limits().per_source, 8);
+        for bad in [
+            "[security]\nauth_user_failures = 0",
+            "[security]\nauth_backoff_secs = 0",
+            "[security]\nauth_backoff_secs = 100\nauth_max_backoff_secs = 50",
+            "[security]\nhandshakes_busy_from = 5000",
+            "[security]\nhandshakes_total = 0",
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::PortRange;
-use crate::proxy::{self, HandshakeLimits, Protocol};
+use crate::proxy::{self, Protocol};
 use crate::state::State;
 
 /// How often new exits are given ports and missing listeners are bound.
@@ -200,7 +200,7 @@ async fn scan(
             Some((device_id.to_string(), exit.to_string())),
             state.clone(),
             stop.clone(),
-            HandshakeLimits::default(),
+            state.cfg.security.handshake_limits(),
         ));
         l.bound.insert(
             port,

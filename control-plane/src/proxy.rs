@@ -203,14 +203,8 @@ pub async fn serve(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
-    serve_with(
-        listener,
-        protocol,
-        state,
-        shutdown,
-        HandshakeLimits::default(),
-    )
-    .await
+    let limits = state.cfg.security.handshake_limits();
+    serve_with(listener, protocol, state, shutdown, limits).await
 }
 
 /// [`serve`] with explicit handshake limits.

@@ -1052,3 +1052,39 @@ fn s7_no_password_token_or_proxy_authorization_in_any_log() {
     );
     assert!(leaks.is_empty(), "secrets in logs:\n{}", leaks.join("\n"));
 }
+
+#[test]
+fn backoff_thresholds_follow_the_configuration() {
+    // One failure is enough here, and the backoff outlasts the test.
+    let c = Cluster::start(ClusterOpts {
+        config_toml: Some(
+            "[security]\nauth_user_failures = 1\nauth_backoff_secs = 600\nauth_max_backoff_secs = 600\n"
+                .into(),
+        ),
+        ..ClusterOpts::named("auth-config")
+    });
+    let origin = FileServer::start("origin", None);
+    create_customer(&c, "erin", "erin-password-1");
+    let src = lo(3, 0, 1);
+    assert!(is_407(&http_login(
+        &c,
+        origin.addr,
+        src,
+        "erin",
+        "wrong-guess"
+    )));
+    // The right password from an address that never logged in as erin is
+    // refused too now, with the same answer as a wrong one.
+    assert!(is_407(&http_login(
+        &c,
+        origin.addr,
+        lo(3, 0, 2),
+        "erin",
+        "erin-password-1"
+    )));
+    // Other users are not affected.
+    assert_eq!(
+        http_outcome(&http_login(&c, origin.addr, src, &c.user, &c.pass)),
+        Ok(())
+    );
+}
