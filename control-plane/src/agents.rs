@@ -495,6 +495,7 @@ async fn run_session(
         device_name: device.name.clone(),
         heartbeat_interval_ms: hb_every.as_millis() as u32,
         protected_ports: state.target_policy().protected_ports.clone(),
+        protected_port_ranges: state.target_policy().protected_port_ranges.clone(),
         protected_ips: state
             .own_ips
             .iter()

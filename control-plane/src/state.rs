@@ -65,6 +65,12 @@ impl State {
                 addrs.api.port(),
                 addrs.quic.port(),
             ],
+            protected_port_ranges: self
+                .cfg
+                .ports
+                .range()
+                .map(|r| vec![(r.lo, r.hi)])
+                .unwrap_or_default(),
             protected_ips: self.own_ips.clone(),
         });
     }

@@ -216,6 +216,7 @@ mod tests {
         let p = TargetPolicy {
             allow_private_targets: true,
             protected_ports: vec![],
+            protected_port_ranges: vec![],
             protected_ips: vec![],
         };
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -54,6 +54,9 @@ pub struct TargetPolicy {
     /// unspecified addresses even when private targets are allowed, because
     /// an agent on the control plane's host would otherwise reach them.
     pub protected_ports: Vec<u16>,
+    /// Inclusive port ranges protected like `protected_ports` (the control
+    /// plane's port-per-exit listeners).
+    pub protected_port_ranges: Vec<(u16, u16)>,
     /// The control plane's own non-loopback addresses, refused on
     /// `protected_ports` as well.
     pub protected_ips: Vec<IpAddr>,
@@ -65,7 +68,12 @@ impl TargetPolicy {
             return Err(DenyReason::Port);
         }
         let ip = canonical(ip);
-        if self.protected_ports.contains(&port)
+        let protected = self.protected_ports.contains(&port)
+            || self
+                .protected_port_ranges
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&port));
+        if protected
             && (ip.is_loopback()
                 || ip.is_unspecified()
                 || self.protected_ips.iter().any(|p| canonical(*p) == ip))
@@ -237,10 +245,17 @@ mod tests {
         let p = TargetPolicy {
             allow_private_targets: true,
             protected_ports: vec![8000],
+            protected_port_ranges: vec![(4000, 4999)],
             protected_ips: vec!["203.0.113.7".parse().unwrap()],
         };
         let cp = Err(DenyReason::ControlPlane);
         assert_eq!(p.check("203.0.113.7".parse().unwrap(), 8000), cp);
+        // The port-per-exit range, at both ends and inside.
+        for port in [4000, 4321, 4999] {
+            assert_eq!(p.check("203.0.113.7".parse().unwrap(), port), cp);
+            assert_eq!(p.check("127.0.0.1".parse().unwrap(), port), cp);
+        }
+        assert_eq!(p.check("203.0.113.7".parse().unwrap(), 5000), Ok(()));
         assert_eq!(p.check("::ffff:203.0.113.7".parse().unwrap(), 8000), cp);
         assert!(p.check("203.0.113.7".parse().unwrap(), 443).is_ok());
         assert!(p.check("127.0.0.1".parse().unwrap(), 8080).is_ok());

@@ -306,6 +306,7 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
             any::<u32>(),
             proptest::collection::vec(any::<u16>(), 0..=MAX_LIST_ITEMS),
             proptest::collection::vec(any::<std::net::IpAddr>(), 0..=4),
+            proptest::collection::vec(any::<(u16, u16)>(), 0..=4),
             text(),
             proptest::option::of((text(), text(), text(), text())),
         )
@@ -317,6 +318,7 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
                     heartbeat_interval_ms,
                     protected_ports,
                     protected_ips,
+                    protected_port_ranges,
                     ip_echo_url,
                     mqtt,
                 )| {
@@ -327,6 +329,7 @@ fn control_msg() -> BoxedStrategy<ControlMsg> {
                         heartbeat_interval_ms,
                         protected_ports,
                         protected_ips,
+                        protected_port_ranges,
                         ip_echo_url,
                         mqtt: mqtt.map(|(url, username, password, topic_prefix)| MqttGrant {
                             url,
@@ -669,6 +672,7 @@ fn huge_port_list_is_refused_cheaply() {
             heartbeat_interval_ms: 1000,
             protected_ports: vec![8080; n],
             protected_ips: vec![],
+            protected_port_ranges: vec![],
             ip_echo_url: String::new(),
             mqtt: None,
         })

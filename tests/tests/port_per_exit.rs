@@ -121,6 +121,19 @@ fn each_exit_gets_a_port_that_leaves_through_it() {
         assert_eq!(requests(&c, &dev_b), b0 + 1, "B's port left elsewhere");
         assert_eq!(requests(&c, &dev_a), a0, "B's port used A");
     }
+    // The per-exit ports are the control plane's own: no customer reaches
+    // them through a device, not even with private targets allowed (the
+    // agents learn the whole range), in range or at its ends.
+    for port in [port_a, port_b, lo, hi] {
+        let r = Curl::new()
+            .proxy(&c.http_proxy())
+            .write_out("%{http_code}")
+            .arg("-o")
+            .arg("/dev/null")
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .run();
+        assert_eq!(r.stdout, "403", "port {port} reachable through a device");
+    }
     // Customers still authenticate there.
     let r = Curl::new()
         .proxy(&format!("http://{}:wrong@127.0.0.1:{port_a}", c.user))

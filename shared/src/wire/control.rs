@@ -178,6 +178,10 @@ pub struct Welcome {
     /// plane through a device.
     #[serde(deserialize_with = "bounded_vec")]
     pub protected_ips: Vec<std::net::IpAddr>,
+    /// Inclusive port ranges protected like `protected_ports` (the control
+    /// plane's port-per-exit listeners).
+    #[serde(deserialize_with = "bounded_vec")]
+    pub protected_port_ranges: Vec<(u16, u16)>,
     /// Where the agent reads an exit's public address (plain-text IP-echo
     /// endpoint); the agent's own configuration may override it.
     pub ip_echo_url: String,
@@ -367,6 +371,7 @@ pub fn policy_for(welcome: &Welcome, allow_private_targets: bool) -> TargetPolic
     TargetPolicy {
         allow_private_targets,
         protected_ports: welcome.protected_ports.clone(),
+        protected_port_ranges: welcome.protected_port_ranges.clone(),
         protected_ips: welcome.protected_ips.clone(),
     }
 }
