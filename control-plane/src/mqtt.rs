@@ -9,7 +9,7 @@
 //! share `mqtt.key`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -159,8 +159,10 @@ impl Mqtt {
             acl.push_str(&read_extra(extra)?);
         }
         std::fs::create_dir_all(dir)?;
-        write_private(&dir.join("passwd"), passwd.as_bytes())?;
-        write_private(&dir.join("acl"), acl.as_bytes())?;
+        // Owner and group only: a broker running as another user reads the
+        // files through the group.
+        shared::files::write_atomic(&dir.join("passwd"), passwd.as_bytes(), 0o640)?;
+        shared::files::write_atomic(&dir.join("acl"), acl.as_bytes(), 0o640)?;
         info!(users = users.len(), dir = %dir.display(), "broker password and ACL files written");
         if let Some((prog, args)) = self.settings.reload_command.split_first() {
             let out = tokio::time::timeout(
@@ -384,49 +386,10 @@ fn read_extra(path: &Path) -> anyhow::Result<String> {
     Ok(format!("\n# From {}\n{s}", path.display()))
 }
 
-/// Write `bytes` to `path` atomically, readable by the owner and its group
-/// only (a broker running as another user reads it through the group).
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp: PathBuf = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 fn load_or_create_key(path: &Path) -> anyhow::Result<[u8; 32]> {
-    match std::fs::read(path) {
-        Ok(b) if b.len() == 32 => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&b);
-            Ok(k)
-        }
-        Ok(_) => anyhow::bail!("{} must hold exactly 32 bytes", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let k: [u8; 32] = rand::random();
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            f.write_all(&k)?;
-            f.sync_all()?;
-            Ok(k)
-        }
-        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", path.display())),
-    }
+    shared::files::load_or_create_secret(path)
+        .map(|(k, _)| k)
+        .map_err(|e| anyhow::anyhow!("the MQTT key {}: {e}", path.display()))
 }
 
 #[cfg(test)]

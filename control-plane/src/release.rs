@@ -52,25 +52,17 @@ impl ReleaseKey {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read(path) {
-            Ok(raw) => {
-                let raw: [u8; 32] = raw
-                    .try_into()
-                    .map_err(|_| KeyError::Damaged(path.display().to_string()))?;
-                Ok(Self {
-                    signing: SigningKey::from_bytes(&raw),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io)?;
+        match shared::files::load_or_create_secret(path) {
+            Ok((seed, created)) => {
+                if created {
+                    info!(path = %path.display(), "created the release signing key");
                 }
-                let seed: [u8; 32] = rand::random();
-                shared::files::write_atomic(path, &seed, 0o600).map_err(io)?;
-                info!(path = %path.display(), "created the release signing key");
                 Ok(Self {
                     signing: SigningKey::from_bytes(&seed),
                 })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(KeyError::Damaged(path.display().to_string()))
             }
             Err(e) => Err(io(e)),
         }

@@ -280,6 +280,32 @@ pub struct Stat {
     pub ticks: u64,
 }
 
+/// A load generator's stdout as lines, and its whole stderr collected in
+/// the background (for the error message if it fails).
+pub fn take_output(
+    child: &mut Child,
+) -> Result<
+    (
+        tokio::io::Lines<tokio::io::BufReader<ChildStdout>>,
+        tokio::task::JoinHandle<String>,
+    ),
+    String,
+> {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let err_task = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut text = String::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            text.push_str(&l);
+            text.push('\n');
+        }
+        text
+    });
+    Ok((tokio::io::BufReader::new(stdout).lines(), err_task))
+}
+
 pub fn read_stat(pid: u32) -> Option<Stat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat(&text)

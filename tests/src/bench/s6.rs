@@ -372,18 +372,7 @@ pub async fn run(
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| format!("start lg active: {e}"))?;
     let lg_pid = child.id().unwrap_or(0);
-    let stdout = child.stdout.take().ok_or("no lg stdout")?;
-    let stderr = child.stderr.take().ok_or("no lg stderr")?;
-    let err_task = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut text = String::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            text.push_str(&l);
-            text.push('\n');
-        }
-        text
-    });
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut lines, err_task) = procs::take_output(&mut child)?;
     let work = async {
         let mut open_cpu = None;
         let mut start: Option<Reading> = None;

@@ -39,7 +39,6 @@ use peers::{Cellgate, Ctx, Route};
 use procs::Procs;
 use report::{Idle, Plan, Results, Sample, Side};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug, Clone)]
@@ -661,18 +660,7 @@ async fn idle(ctx: &Ctx, route: &Route, conns: usize, hold_secs: f64) -> Result<
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| format!("start lg idle: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no lg stdout")?;
-    let stderr = child.stderr.take().ok_or("no lg stderr")?;
-    let err_task = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut text = String::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            text.push_str(&l);
-            text.push('\n');
-        }
-        text
-    });
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut lines, err_task) = procs::take_output(&mut child)?;
     let work = async {
         let mut holding: Option<Vec<u64>> = None;
         let mut last: Option<Value> = None;
