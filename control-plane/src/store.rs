@@ -43,6 +43,39 @@ macro_rules! on_pool {
     };
 }
 
+/// Begin a transaction that will write. On SQLite it takes the write lock
+/// at once (`BEGIN IMMEDIATE`): a deferred transaction that reads first
+/// and writes later fails with "database is locked" at once, without
+/// waiting out the busy timeout, whenever another connection wrote in
+/// between. PostgreSQL needs nothing special.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>>
+    + Send;
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = Sqlite;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error>> + Send
+    {
+        self.begin_with("BEGIN IMMEDIATE")
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Db = Postgres;
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<Output = Result<sqlx::Transaction<'static, Postgres>, sqlx::Error>>
+    + Send {
+        self.begin()
+    }
+}
+
 mod access;
 mod accounts;
 mod commands;
@@ -507,7 +540,7 @@ impl Store {
     ) -> Result<Option<String>, StoreError> {
         let now = now_ms();
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let name: Option<String> = sqlx::query_scalar(
                 "UPDATE enroll_tokens SET used_at = $1, device_id = $2 \
                  WHERE token_hash = $3 AND used_at IS NULL AND expires_at > $1 RETURNING name",

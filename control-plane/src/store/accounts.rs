@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 
-use super::{Columns, CustomerRow, Store, StoreError, conflict, customer_from, now_ms};
+use super::{BeginWrite, Columns, CustomerRow, Store, StoreError, conflict, customer_from, now_ms};
 
 const CUSTOMER_COLS: &str =
     "id, username, password_hash, disabled, created_at, plan_id, expires_at, parent_id";
@@ -88,7 +88,7 @@ impl Store {
     ) -> Result<CustomerRow, SubUserError> {
         let now = now_ms();
         on_pool!(self, |p| {
-            let mut tx = p.begin().await.map_err(StoreError::from)?;
+            let mut tx = p.begin_write().await.map_err(StoreError::from)?;
             if let Some(parent) = parent_id {
                 let grand: Option<Option<String>> =
                     sqlx::query_scalar("SELECT parent_id FROM customers WHERE id = $1")
@@ -164,7 +164,7 @@ impl Store {
     ) -> Result<Option<CredentialRow>, StoreError> {
         let now = now_ms();
         let inserted = on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let owner: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM customers WHERE id = $1")
                 .bind(customer_id)
                 .fetch_one(&mut *tx)

@@ -4,7 +4,7 @@
 use serde::Serialize;
 use shared::wire::{ExitInfo, Heartbeat};
 
-use super::{Columns, DeviceRotation, Store, StoreError, now_ms};
+use super::{BeginWrite, Columns, DeviceRotation, Store, StoreError, now_ms};
 use crate::registry::Counters;
 
 #[derive(Debug, Clone, Serialize)]
@@ -187,7 +187,7 @@ impl Store {
     ) -> Result<Vec<ExitRow>, StoreError> {
         on_pool!(self, |p| {
             let now = now_ms();
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             for e in exits {
                 sqlx::query(
                     "INSERT INTO exits (device_id, name, interface, method, ladder, created_at) \
@@ -230,7 +230,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         on_pool!(self, |p| {
             let now = now_ms();
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query(
                 "UPDATE exits SET external_ip = $1, ip_checked_at = $2 WHERE device_id = $3 AND name = $4",
             )
@@ -285,7 +285,7 @@ impl Store {
         ip: Option<&str>,
     ) -> Result<(), StoreError> {
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query(
                 "UPDATE exits SET requests = requests + $1, successes = successes + $2, failures = failures + $3, \
                  open_ms_total = open_ms_total + $4, bytes_up = bytes_up + $5, bytes_down = bytes_down + $6 \
@@ -325,7 +325,7 @@ impl Store {
 
     pub async fn insert_rotation(&self, r: &RotationRow) -> Result<(), StoreError> {
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query(
                 "INSERT INTO rotations (id, device_id, exit_name, cause, method, rungs, attempts, old_ip, new_ip, \
                  outcome, error, drain_ms, backend_ms, duration_ms, started_at, finished_at) \
@@ -582,7 +582,7 @@ impl Store {
 
     pub async fn patch_device(&self, id: &str, patch: &DevicePatch) -> Result<bool, StoreError> {
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             let exists: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE id = $1")
                 .bind(id)
                 .fetch_one(&mut *tx)
@@ -710,7 +710,7 @@ impl Store {
         at: i64,
     ) -> Result<(), StoreError> {
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             for e in &hb.exits {
                 let t = &e.telemetry;
                 sqlx::query(

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{Columns, Store, StoreError, conflict, now_ms};
+use super::{BeginWrite, Columns, Store, StoreError, conflict, now_ms};
 use crate::limits::PlanLimits;
 use crate::routing::Strategy;
 use crate::usage::{LogMode, LogRow, UsageCounts, UsageKey};
@@ -242,7 +242,7 @@ impl Store {
             return Ok(());
         }
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             for (k, c) in rows {
                 sqlx::query(
                     "INSERT INTO usage_daily (day, customer_id, credential, device_id, exit_name, \
@@ -329,7 +329,7 @@ impl Store {
             return Ok(());
         }
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             for r in rows {
                 sqlx::query(
                     "INSERT INTO request_log (started_at, customer_id, credential, device_id, exit_name, \

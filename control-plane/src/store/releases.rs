@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Columns, Store, StoreError, conflict, now_ms};
+use super::{BeginWrite, Columns, Store, StoreError, conflict, now_ms};
 
 /// Size of one stored piece of a release binary.
 pub const RELEASE_CHUNK: usize = 1024 * 1024;
@@ -127,7 +127,7 @@ impl Store {
     pub async fn insert_release(&self, row: &ReleaseRow, data: &[u8]) -> Result<(), StoreError> {
         let what = format!("release {} for {}", row.version, row.target);
         on_pool!(self, |p| {
-            let mut tx = p.begin().await?;
+            let mut tx = p.begin_write().await?;
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO releases ({RELEASE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
             )))
